@@ -1,0 +1,132 @@
+"""Ack and commit kept apart; redelivery; nack to requeue or dead-letter; seek and replay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from infeed.brokers import Broker, dead_letter_topic
+from infeed.brokers.base import DLQ_HEADER_COUNT, DLQ_HEADER_OFFSET, DLQ_HEADER_REASON, DLQ_HEADER_TOPIC
+from infeed.errors import LeaseLostError
+from infeed.types import Capability, Position
+
+from .backends import ACK_TIMEOUT_S
+from .helpers import assert_nothing_more, drain, numbered, payloads, require
+
+
+def test_ack_does_not_commit(broker: Broker, topic: str) -> None:
+    require(broker, Capability.OFFSET_COMMIT)
+    broker.publish_many(topic, numbered(5))
+    consumer = broker.subscribe(topic, group="g")
+    drain(consumer, 5, ack=True)
+    assert consumer.committed() == {}
+
+
+def test_commit_does_not_ack(broker: Broker, topic: str) -> None:
+    require(broker, Capability.OFFSET_COMMIT, Capability.REDELIVERY)
+    broker.create_topic(topic, partitions=1)
+    broker.publish_many(topic, numbered(5))
+    consumer = broker.subscribe(topic, group="g")
+    got = drain(consumer, 5, ack=False)
+    consumer.commit(got[-1].next_position)
+    assert consumer.committed() == {0: got[-1].next_position}
+    consumer.close()  # unacked deliveries go back to the group, committed or not
+    again = broker.subscribe(topic, group="g")
+    redelivered = drain(again, 5, timeout_s=ACK_TIMEOUT_S + 20)
+    assert payloads(redelivered) == numbered(5)
+    assert all(d.delivery_count == 2 for d in redelivered)
+
+
+def test_commit_is_durable_across_connections(open_broker: Callable[[], Broker], topic: str) -> None:
+    first = open_broker()
+    require(first, Capability.OFFSET_COMMIT, Capability.MULTI_PROCESS)
+    first.create_topic(topic, partitions=1)
+    first.publish_many(topic, numbered(3))
+    consumer = first.subscribe(topic, group="g")
+    got = drain(consumer, 3)
+    consumer.commit([got[1].next_position])
+    consumer.close()
+    first.close()
+    second = open_broker()
+    assert second.subscribe(topic, group="g").committed() == {
+        0: Position(topic, 0, got[1].next_position.offset)
+    }
+    info = second.describe_topic(topic)
+    (group,) = [g for g in info.groups if g.name == "g"]
+    assert group.committed[0] == got[1].next_position.offset
+    assert group.lag[0] == 1
+
+
+def test_unacked_delivery_is_redelivered_after_ack_timeout(broker: Broker, topic: str) -> None:
+    require(broker, Capability.REDELIVERY)
+    broker.publish(topic, b"slow")
+    holder = broker.subscribe(topic, group="g")
+    (first,) = drain(holder, 1, ack=False)
+    other = broker.subscribe(topic, group="g")
+    (second,) = drain(other, 1, timeout_s=ACK_TIMEOUT_S + 20, ack=False)
+    assert second.payload == b"slow"
+    assert second.position == first.position
+    assert second.delivery_count == 2
+    with pytest.raises(LeaseLostError):
+        holder.ack(first)
+    other.ack(second)
+    assert_nothing_more(other, wait_s=ACK_TIMEOUT_S + 0.5)
+
+
+def test_nack_requeue_delivers_again(broker: Broker, topic: str) -> None:
+    broker.publish_many(topic, [b"a", b"b"])
+    consumer = broker.subscribe(topic, group="g")
+    got = drain(consumer, 2, ack=False)
+    consumer.nack(got[0], requeue=True)
+    consumer.ack(got[1])
+    (again,) = drain(consumer, 1)
+    assert again.payload == b"a"
+    assert again.delivery_count == 2
+    assert_nothing_more(consumer)
+
+
+def test_nack_dead_letters_with_reason(broker: Broker, topic: str) -> None:
+    require(broker, Capability.DEAD_LETTER)
+    broker.publish(topic, b"poison", key=b"k", headers={"h": "v"})
+    consumer = broker.subscribe(topic, group="g")
+    (d,) = drain(consumer, 1, ack=False)
+    consumer.nack(d, requeue=False, reason="shape (3,) != (784,)")
+    assert_nothing_more(consumer)
+    dlq = broker.subscribe(dead_letter_topic(topic), group="inspect")
+    (dead,) = drain(dlq, 1)
+    assert dead.payload == b"poison"
+    assert dead.headers["h"] == "v"
+    assert dead.headers[DLQ_HEADER_REASON] == "shape (3,) != (784,)"
+    assert dead.headers[DLQ_HEADER_TOPIC] == topic
+    assert dead.headers[DLQ_HEADER_OFFSET] == str(d.position.offset)
+    assert dead.headers[DLQ_HEADER_COUNT] == "1"
+
+
+def test_seek_replays_from_a_saved_position(broker: Broker, topic: str) -> None:
+    require(broker, Capability.SEEK, Capability.REPLAY)
+    broker.create_topic(topic, partitions=1)
+    sent = numbered(20)
+    broker.publish_many(topic, sent)
+    consumer = broker.subscribe(topic, group="g")
+    got = drain(consumer, 20)
+    saved = got[7].position
+    consumer.seek(saved)
+    replay = drain(consumer, 13)
+    assert payloads(replay) == sent[7:]
+    assert_nothing_more(consumer)
+    # a second connection (a restarted process) seeks to the saved position too
+    other = broker.subscribe(topic, group="other")
+    other.seek(Position.from_json(saved.to_json()))
+    assert payloads(drain(other, 13)) == sent[7:]
+
+
+def test_seek_forward_skips(broker: Broker, topic: str) -> None:
+    require(broker, Capability.SEEK)
+    broker.create_topic(topic, partitions=1)
+    broker.publish_many(topic, numbered(10))
+    positions = [d.position for d in drain(broker.subscribe(topic, group="scout"), 10)]
+    consumer = broker.subscribe(topic, group="g")
+    consumer.seek(positions[6])
+    assert payloads(drain(consumer, 4)) == numbered(10)[6:]
+    assert_nothing_more(consumer)
