@@ -17,8 +17,8 @@ from .helpers import assert_nothing_more, drain, numbered, payloads, require
 
 def test_ack_does_not_commit(broker: Broker, topic: str) -> None:
     require(broker, Capability.OFFSET_COMMIT)
-    broker.publish_many(topic, numbered(5))
     consumer = broker.subscribe(topic, group="g")
+    broker.publish_many(topic, numbered(5))
     drain(consumer, 5, ack=True)
     assert consumer.committed() == {}
 
@@ -26,8 +26,8 @@ def test_ack_does_not_commit(broker: Broker, topic: str) -> None:
 def test_commit_does_not_ack(broker: Broker, topic: str) -> None:
     require(broker, Capability.OFFSET_COMMIT, Capability.REDELIVERY)
     broker.create_topic(topic, partitions=1)
-    broker.publish_many(topic, numbered(5))
     consumer = broker.subscribe(topic, group="g")
+    broker.publish_many(topic, numbered(5))
     got = drain(consumer, 5, ack=False)
     consumer.commit(got[-1].next_position)
     assert consumer.committed() == {0: got[-1].next_position}
@@ -42,8 +42,8 @@ def test_commit_is_durable_across_connections(open_broker: Callable[[], Broker],
     first = open_broker()
     require(first, Capability.OFFSET_COMMIT, Capability.MULTI_PROCESS)
     first.create_topic(topic, partitions=1)
-    first.publish_many(topic, numbered(3))
     consumer = first.subscribe(topic, group="g")
+    first.publish_many(topic, numbered(3))
     got = drain(consumer, 3)
     consumer.commit([got[1].next_position])
     consumer.close()
@@ -60,8 +60,8 @@ def test_commit_is_durable_across_connections(open_broker: Callable[[], Broker],
 
 def test_unacked_delivery_is_redelivered_after_ack_timeout(broker: Broker, topic: str) -> None:
     require(broker, Capability.REDELIVERY)
-    broker.publish(topic, b"slow")
     holder = broker.subscribe(topic, group="g")
+    broker.publish(topic, b"slow")
     (first,) = drain(holder, 1, ack=False)
     other = broker.subscribe(topic, group="g")
     (second,) = drain(other, 1, timeout_s=ACK_TIMEOUT_S + 20, ack=False)
@@ -75,8 +75,8 @@ def test_unacked_delivery_is_redelivered_after_ack_timeout(broker: Broker, topic
 
 
 def test_nack_requeue_delivers_again(broker: Broker, topic: str) -> None:
-    broker.publish_many(topic, [b"a", b"b"])
     consumer = broker.subscribe(topic, group="g")
+    broker.publish_many(topic, [b"a", b"b"])
     got = drain(consumer, 2, ack=False)
     consumer.nack(got[0], requeue=True)
     consumer.ack(got[1])
@@ -88,12 +88,12 @@ def test_nack_requeue_delivers_again(broker: Broker, topic: str) -> None:
 
 def test_nack_dead_letters_with_reason(broker: Broker, topic: str) -> None:
     require(broker, Capability.DEAD_LETTER)
-    broker.publish(topic, b"poison", key=b"k", headers={"h": "v"})
     consumer = broker.subscribe(topic, group="g")
+    broker.publish(topic, b"poison", key=b"k", headers={"h": "v"})
+    dlq = broker.subscribe(dead_letter_topic(topic), group="inspect")
     (d,) = drain(consumer, 1, ack=False)
     consumer.nack(d, requeue=False, reason="shape (3,) != (784,)")
     assert_nothing_more(consumer)
-    dlq = broker.subscribe(dead_letter_topic(topic), group="inspect")
     (dead,) = drain(dlq, 1)
     assert dead.payload == b"poison"
     assert dead.headers["h"] == "v"
@@ -107,8 +107,8 @@ def test_seek_replays_from_a_saved_position(broker: Broker, topic: str) -> None:
     require(broker, Capability.SEEK, Capability.REPLAY)
     broker.create_topic(topic, partitions=1)
     sent = numbered(20)
-    broker.publish_many(topic, sent)
     consumer = broker.subscribe(topic, group="g")
+    broker.publish_many(topic, sent)
     got = drain(consumer, 20)
     saved = got[7].position
     consumer.seek(saved)
@@ -122,7 +122,7 @@ def test_seek_replays_from_a_saved_position(broker: Broker, topic: str) -> None:
 
 
 def test_seek_forward_skips(broker: Broker, topic: str) -> None:
-    require(broker, Capability.SEEK)
+    require(broker, Capability.SEEK, Capability.REPLAY)
     broker.create_topic(topic, partitions=1)
     broker.publish_many(topic, numbered(10))
     positions = [d.position for d in drain(broker.subscribe(topic, group="scout"), 10)]

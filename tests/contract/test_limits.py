@@ -15,13 +15,13 @@ from .helpers import assert_nothing_more, drain, numbered, payloads, require
 
 def test_payload_over_limit_is_refused_and_nothing_written(broker: Broker, topic: str) -> None:
     broker.create_topic(topic, partitions=1)
+    consumer = broker.subscribe(topic, group="g")
     limit = broker.max_payload_bytes
     with pytest.raises(PayloadTooLargeError, match=str(limit)):
         broker.publish(topic, b"x" * (limit + 1))
     with pytest.raises(PayloadTooLargeError):
         broker.publish_many(topic, [b"ok-1", Message(b"y" * (limit + 1)), b"ok-2"])
     assert broker.describe_topic(topic).depth == 0
-    consumer = broker.subscribe(topic, group="g")
     assert_nothing_more(consumer)
     broker.publish(topic, b"after")
     assert payloads(drain(consumer, 1)) == [b"after"]
@@ -30,8 +30,9 @@ def test_payload_over_limit_is_refused_and_nothing_written(broker: Broker, topic
 def test_payload_at_a_realistic_size_round_trips(broker: Broker, topic: str) -> None:
     big = bytes(range(256)) * 4096  # 1 MiB
     assert len(big) <= broker.max_payload_bytes
+    consumer = broker.subscribe(topic, group="g")
     broker.publish(topic, big)
-    (d,) = drain(broker.subscribe(topic, group="g"), 1)
+    (d,) = drain(consumer, 1)
     assert d.payload == big
 
 
@@ -39,6 +40,7 @@ def test_admin_create_describe_list_delete(broker: Broker, topic: str) -> None:
     partitions = 3 if Capability.PARTITIONS in broker.capabilities else 1
     broker.create_topic(topic, partitions=partitions)
     broker.create_topic(topic, partitions=partitions)  # idempotent
+    broker.subscribe(topic, group="g").close()
     assert topic in broker.list_topics()
     broker.publish_many(topic, numbered(9))
     info = broker.describe_topic(topic)
@@ -56,8 +58,8 @@ def test_admin_create_describe_list_delete(broker: Broker, topic: str) -> None:
 def test_describe_reports_lag_per_group(broker: Broker, topic: str) -> None:
     require(broker, Capability.OFFSET_COMMIT)
     broker.create_topic(topic, partitions=1)
-    broker.publish_many(topic, numbered(10))
     consumer = broker.subscribe(topic, group="g")
+    broker.publish_many(topic, numbered(10))
     got = drain(consumer, 4, max_messages=4)
     consumer.commit(got[-1].next_position)
     (group,) = [g for g in broker.describe_topic(topic).groups if g.name == "g"]
@@ -68,8 +70,8 @@ def test_describe_reports_lag_per_group(broker: Broker, topic: str) -> None:
 def test_close_and_reopen_keeps_messages(open_broker: Callable[[], Broker], topic: str) -> None:
     first = open_broker()
     require(first, Capability.MULTI_PROCESS)
-    first.publish_many(topic, numbered(5))
     consumer = first.subscribe(topic, group="g")
+    first.publish_many(topic, numbered(5))
     drain(consumer, 2, max_messages=2)
     consumer.close()
     first.close()

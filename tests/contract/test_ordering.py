@@ -12,11 +12,11 @@ from .helpers import assert_nothing_more, drain, numbered, payloads, require
 
 def test_fifo_single_partition(broker: Broker, topic: str) -> None:
     broker.create_topic(topic, partitions=1)
+    consumer = broker.subscribe(topic, group="g")
     sent = numbered(300)
     broker.publish_many(topic, sent[:200])
     for p in sent[200:]:
         broker.publish(topic, p)
-    consumer = broker.subscribe(topic, group="g")
     got = drain(consumer, 300)
     assert payloads(got) == sent
     offsets = [d.position.offset for d in got]
@@ -28,9 +28,10 @@ def test_fifo_single_partition(broker: Broker, topic: str) -> None:
 def test_key_sticks_to_partition_and_keeps_order(broker: Broker, topic: str) -> None:
     require(broker, Capability.PARTITIONS)
     broker.create_topic(topic, partitions=4)
+    consumer = broker.subscribe(topic, group="g")
     msgs = [Message(f"{k}:{i}".encode(), key=f"key-{k}") for i in range(40) for k in range(10)]
     broker.publish_many(topic, msgs)
-    got = drain(broker.subscribe(topic, group="g"), len(msgs))
+    got = drain(consumer, len(msgs))
     partitions_of_key: dict[bytes, set[int]] = defaultdict(set)
     seq_of_key: dict[bytes, list[int]] = defaultdict(list)
     for d in got:
@@ -46,10 +47,10 @@ def test_key_sticks_to_partition_and_keeps_order(broker: Broker, topic: str) -> 
 def test_explicit_partition_and_assignment(broker: Broker, topic: str) -> None:
     require(broker, Capability.PARTITIONS)
     broker.create_topic(topic, partitions=3)
+    only_two = broker.subscribe(topic, group="g", partitions=[2])
     broker.publish_many(
         topic, [Message(f"p{p}-{i}".encode(), partition=p) for i in range(5) for p in range(3)]
     )
-    only_two = broker.subscribe(topic, group="g", partitions=[2])
     got = drain(only_two, 5)
     assert [d.partition for d in got] == [2] * 5
     assert payloads(got) == [f"p2-{i}".encode() for i in range(5)]
@@ -57,8 +58,9 @@ def test_explicit_partition_and_assignment(broker: Broker, topic: str) -> None:
 
 
 def test_headers_key_and_metadata_round_trip(broker: Broker, topic: str) -> None:
+    consumer = broker.subscribe(topic, group="g")
     broker.publish(topic, b"\x00binary\xff", key=b"k\x00", headers={"codec": "msgpack", "trace": "abc"})
-    (d,) = drain(broker.subscribe(topic, group="g"), 1)
+    (d,) = drain(consumer, 1)
     assert d.payload == b"\x00binary\xff"
     assert d.key == b"k\x00"
     assert dict(d.headers) == {"codec": "msgpack", "trace": "abc"}

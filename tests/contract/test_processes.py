@@ -22,8 +22,8 @@ WORKER = "tests.contract._worker"
 def test_sigkilled_consumer_messages_go_to_another_member(broker: Broker, url: str, topic: str) -> None:
     require(broker, Capability.MULTI_PROCESS, Capability.REDELIVERY)
     broker.create_topic(topic, partitions=1)
-    broker.publish_many(topic, numbered(5))
     survivor = broker.subscribe(topic, group="g")  # a member of the group before the crash
+    broker.publish_many(topic, numbered(5))
     child = spawn_python("-m", WORKER, "hold", url, topic, "g", "5")
     try:
         assert child.stdout is not None

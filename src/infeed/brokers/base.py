@@ -14,6 +14,8 @@ Semantics every backend keeps (the contract suite in tests/contract checks them)
   any member, with ``delivery_count`` one higher (where ``Capability.REDELIVERY`` is declared).
 * ``nack(requeue=True)`` makes the message available again at once; ``nack(requeue=False)``
   moves it to the dead-letter topic with the reason in its headers.
+* A group sees the messages published after it first subscribed; only backends that declare
+  ``Capability.REPLAY`` (logs) also hold earlier ones for a new group (``start="earliest"``).
 * A payload over ``max_payload_bytes`` raises ``PayloadTooLargeError`` and nothing of the call
   is written.
 """
