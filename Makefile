@@ -22,8 +22,8 @@ test-unit:  ## tests that need no external broker
 	$(PY) -m pytest tests/unit tests/contract -k "memory or sqlite or not contract" -q
 
 lint:  ## ruff (lint + format check) and mypy strict on src and tests
-	$(PY) -m ruff check src tests scripts
-	$(PY) -m ruff format --check src tests scripts
+	$(PY) -m ruff check src tests scripts scripts/brokers
+	$(PY) -m ruff format --check src tests scripts scripts/brokers
 	$(PY) -m mypy
 
 format:

@@ -131,29 +131,38 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process stays a zombie until its parent (or init, slowly here) reaps it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the process group led by ``pid``, or the process alone if it leads none."""
+    for send in (os.killpg, os.kill):
+        try:
+            send(pid, sig)
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
 
 
 def stop_pids(pids: Sequence[int], *, grace_s: float = 10.0) -> None:
     """SIGTERM each PID's process group, wait up to ``grace_s``, then SIGKILL what is left."""
     for pid in pids:
-        for sig_target in (lambda: os.killpg(pid, signal.SIGTERM), lambda: os.kill(pid, signal.SIGTERM)):
-            try:
-                sig_target()
-                break
-            except (ProcessLookupError, PermissionError):
-                continue
+        _signal_group(pid, signal.SIGTERM)
     end = time.monotonic() + grace_s
     while time.monotonic() < end and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
         if pid_alive(pid):
-            for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-                try:
-                    kill()
-                    break
-                except (ProcessLookupError, PermissionError):
-                    continue
+            _signal_group(pid, signal.SIGKILL)
     # reap if they are our children
     for pid in pids:
         try:
@@ -222,12 +231,13 @@ def _reap(pid: int) -> None:
 def kill_hard(pids: Sequence[int], *, wait_s: float = 15.0) -> None:
     """SIGKILL each PID's process group (or the PID alone) and wait until all are gone: a crash."""
     for pid in pids:
-        for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             try:
-                kill()
-                break
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                continue
+                pass
     end = time.monotonic() + wait_s
     while True:
         for pid in pids:
