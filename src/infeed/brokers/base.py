@@ -77,6 +77,9 @@ def dead_letter_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
 
+default_dead_letter_topic = dead_letter_topic  # for scopes where a parameter shadows the name
+
+
 class Message(NamedTuple):
     """One message to publish with ``publish_many``."""
 
@@ -167,10 +170,14 @@ def as_positions(positions: Position | Iterable[Position]) -> list[Position]:
 class Consumer(abc.ABC):
     """A member of a consumer group on one topic. Use it from one thread at a time."""
 
-    def __init__(self, broker: Broker, topic: str, group: str) -> None:
+    def __init__(
+        self, broker: Broker, topic: str, group: str, dead_letter_topic: str | None = None
+    ) -> None:
         self.broker = broker
         self.topic = topic
         self.group = group
+        #: Where ``nack(requeue=False)`` sends messages.
+        self.dead_letter_topic = dead_letter_topic or default_dead_letter_topic(topic)
 
     @abc.abstractmethod
     def receive(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:

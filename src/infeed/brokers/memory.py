@@ -28,7 +28,6 @@ from infeed.brokers.base import (
     check_payload,
     check_topic_name,
     dead_letter_headers,
-    dead_letter_topic,
     normalize_key,
     partition_for_key,
 )
@@ -275,10 +274,9 @@ class _MemoryConsumer(Consumer):
         partitions: list[int],
         dlq: str | None,
     ) -> None:
-        super().__init__(broker, topic, group)
+        super().__init__(broker, topic, group, dlq)
         self._b = broker
         self._partitions = partitions
-        self._dlq = dlq or dead_letter_topic(topic)
         self._token = next(broker._tokens)
         self._closed = False
         self._next_partition = 0
@@ -399,7 +397,7 @@ class _MemoryConsumer(Consumer):
             settled = self._settle(items)
             msgs = [Message(d.payload, d.key, dead_letter_headers(d, reason)) for _, d in settled]
         if msgs:
-            self._b.publish_many(self._dlq, msgs)
+            self._b.publish_many(self.dead_letter_topic, msgs)
 
     def commit(self, positions: Position | Iterable[Position]) -> None:
         with self._b._cond:
