@@ -40,8 +40,8 @@ class Position:
     record: int = 0
 
     def __post_init__(self) -> None:
-        if not self.topic:
-            raise ValueError("Position.topic must be a non-empty string")
+        if not self.topic or ":" in self.topic:
+            raise ValueError(f"Position.topic must be a non-empty string without ':', got {self.topic!r}")
         if self.partition < 0:
             raise ValueError(f"Position.partition must be >= 0, got {self.partition}")
         if self.offset < 0:

@@ -36,6 +36,9 @@ def test_sigkilled_consumer_messages_go_to_another_member(broker: Broker, url: s
         if child.poll() is None:
             child.kill()
             child.wait()
+        for pipe in (child.stdout, child.stderr):
+            if pipe is not None:
+                pipe.close()
     got = drain(survivor, 5, timeout_s=ACK_TIMEOUT_S + 30)
     assert payloads(got) == numbered(5)
     assert [d.position for d in got] == held

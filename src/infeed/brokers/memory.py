@@ -152,11 +152,13 @@ class MemoryBroker(Broker):
     def list_topics(self) -> list[str]:
         """Return topic names, sorted."""
         with self._cond:
+            self._check_open()
             return sorted(self._topics)
 
     def describe_topic(self, topic: str) -> TopicInfo:
         """Return partitions and groups of ``topic``."""
         with self._cond:
+            self._check_open()
             t = self._topic(topic, create=False)
             parts = tuple(
                 PartitionInfo(i, t.lows[i], t.highs[i], len(t.partitions[i]))
@@ -170,13 +172,25 @@ class MemoryBroker(Broker):
                 groups.append(GroupInfo(name, committed, lag, pending))
             return TopicInfo(topic, parts, tuple(groups))
 
-    def trim(self, topic: str, *, committed: bool = True, max_messages: int | None = None) -> int:
-        """Drop messages every group has committed past, and/or all but the newest ``max_messages``.
+    def trim(
+        self,
+        topic: str,
+        *,
+        committed: bool = True,
+        max_age_s: float | None = None,
+        max_messages: int | None = None,
+    ) -> int:
+        """Drop old messages by policy.
+
+        Drops what every group has committed past (``committed``), what is older than
+        ``max_age_s``, and all but the newest ``max_messages`` per partition.
 
         Returns:
             how many messages were dropped.
         """
+        oldest = time.time() - max_age_s if max_age_s is not None else None
         with self._cond:
+            self._check_open()
             t = self._topic(topic, create=False)
             dropped = 0
             for i, records in enumerate(t.partitions):
@@ -186,6 +200,9 @@ class MemoryBroker(Broker):
                     keep_from = max(keep_from, min(m if m is not None else 0 for m in marks))
                 if max_messages is not None:
                     keep_from = max(keep_from, t.highs[i] - max_messages)
+                if oldest is not None:
+                    young = next((r.offset for r in records if r.timestamp >= oldest), t.highs[i])
+                    keep_from = max(keep_from, young)
                 n = sum(1 for r in records if r.offset < keep_from)
                 if n:
                     del records[:n]
@@ -245,7 +262,9 @@ class MemoryBroker(Broker):
             self._check_open()
             t = self._topic(topic, create=True)
             n = len(t.partitions)
-            chosen = list(range(n)) if partitions is None else list(partitions)
+            chosen = list(range(n)) if partitions is None else sorted(set(partitions))
+            if not chosen:
+                raise ValueError("partitions must name at least one partition (or be None for all)")
             for p in chosen:
                 if not 0 <= p < n:
                     raise ValueError(f"partition {p} out of range 0..{n - 1} of {topic!r}")
@@ -358,46 +377,44 @@ class _MemoryConsumer(Consumer):
         self._next_partition = (self._next_partition + 1) % n
         return out
 
-    def _settle(self, deliveries: list[Delivery]) -> list[tuple[_GroupPartition, Delivery]]:
-        """Remove the leases of ``deliveries``; raise LeaseLostError for stale ones."""
+    def _settle(
+        self, deliveries: list[Delivery]
+    ) -> tuple[list[tuple[_GroupPartition, Delivery]], list[Delivery]]:
+        """Remove the leases of ``deliveries``; return (settled, lost to another member)."""
         _, gps = self._state()
-        settled, lost = [], []
         for d in deliveries:
             if d.topic != self.topic:
                 raise ValueError(f"delivery from topic {d.topic!r} given to a {self.topic!r} consumer")
-            gp = gps[d.partition]
-            lease = gp.inflight.get(d.position.offset)
-            if lease is None or lease.token != d.receipt:
+        settled, lost = [], []
+        for d in deliveries:
+            gp = gps[d.partition] if d.partition < len(gps) else None
+            lease = gp.inflight.get(d.position.offset) if gp is not None else None
+            if gp is None or lease is None or lease.token != d.receipt:
                 lost.append(d)
                 continue
             del gp.inflight[d.position.offset]
             settled.append((gp, d))
-        if lost:
-            raise LeaseLostError(
-                f"{len(lost)} deliveries lost their lease (first: {lost[0].position}); "
-                "they were or will be delivered to another member"
-            )
-        return settled
+        return settled, lost
 
     def ack(self, deliveries: Delivery | Iterable[Delivery]) -> None:
         with self._b._cond:
-            self._settle(as_deliveries(deliveries))
+            _, lost = self._settle(as_deliveries(deliveries))
+        _raise_lost(lost)
 
     def nack(
         self, deliveries: Delivery | Iterable[Delivery], *, requeue: bool = True, reason: str = ""
     ) -> None:
-        items = as_deliveries(deliveries)
         with self._b._cond:
+            settled, lost = self._settle(as_deliveries(deliveries))
             if requeue:
-                for gp, d in self._settle(items):
+                for gp, d in settled:
                     gp.ready[d.position.offset] = d.delivery_count
                 self._b._cond.notify_all()
-                return
-            # Validate leases first so nothing is dead-lettered twice.
-            settled = self._settle(items)
-            msgs = [Message(d.payload, d.key, dead_letter_headers(d, reason)) for _, d in settled]
-        if msgs:
-            self._b.publish_many(self.dead_letter_topic, msgs)
+            elif settled:
+                # Under the (re-entrant) lock: the lease goes and the copy appears together.
+                msgs = [Message(d.payload, d.key, dead_letter_headers(d, reason)) for _, d in settled]
+                self._b.publish_many(self.dead_letter_topic, msgs)
+        _raise_lost(lost)
 
     def commit(self, positions: Position | Iterable[Position]) -> None:
         with self._b._cond:
@@ -440,6 +457,14 @@ class _MemoryConsumer(Consumer):
                             gp.ready[offset] = lease.count
             self._closed = True
             self._b._cond.notify_all()
+
+
+def _raise_lost(lost: list[Delivery]) -> None:
+    if lost:
+        raise LeaseLostError(
+            f"{len(lost)} deliveries lost their lease (first: {lost[0].position}); "
+            "they were or will be delivered to another member"
+        )
 
 
 def _check_position(pos: Position, topic: str, t: _Topic) -> None:
