@@ -180,8 +180,7 @@ def _send_all(
                 if not stats.bad(row, reason or "no record"):
                     return
                 continue
-            # Schema.validate gives a str field as a 0-d object array, which the codecs refuse.
-            producer.send({k: (v[()] if v.dtype.kind == "O" else v) for k, v in values.items()})
+            producer.send(values)
             pending += 1
             now = time.monotonic()
             if pending >= 512 or now - last >= 0.2:

@@ -159,18 +159,22 @@ class Schema:
             for name, f in self._fields.items()
         }
 
-    def validate(self, record: Mapping[str, Any]) -> dict[str, np.ndarray[Any, Any]]:
+    def validate(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Check one record and return its values as arrays of the field dtypes and shapes.
 
         Values already of the right dtype and shape are returned without a copy; a str field gives
-        a 0-d object array.
+        a str, so the result encodes with every codec.
 
         Raises:
             SchemaError: a field is missing, unexpected, of a lossy kind, out of range, of the wrong
                 shape, or NaN/infinity where not allowed.
         """
         self._check_names(record, "")
-        return {name: _coerce(name, f, dt, record[name], ()) for name, f, dt in self._plan}
+        out: dict[str, Any] = {}
+        for name, f, dt in self._plan:
+            value = _coerce(name, f, dt, record[name], ())
+            out[name] = value[()] if f.dtype == "str" else value
+        return out
 
     def validate_batch(self, batch: RecordBatch) -> RecordBatch:
         """Check every column of ``batch`` and return a batch cast to the field dtypes (views if already so).

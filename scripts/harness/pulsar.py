@@ -1,0 +1,129 @@
+"""Apache Pulsar standalone (3.0 LTS, Java 17) from Maven Central: broker, bookie, metadata store.
+
+Ready when the admin API lists the ``standalone`` cluster and the ``public/default`` namespace
+(both created by the standalone starter after the broker is up) and the broker health check,
+which writes and reads a heartbeat topic through the bookie, answers ``ok``. Plain ``urllib``:
+no Pulsar client library is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import string
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from . import _jvm, core
+
+NAME = "pulsar"
+POM = _jvm.JVM_DIR / "pulsar-pom.xml"
+CONF_TEMPLATE = _jvm.JVM_DIR / "pulsar-standalone.conf"
+#: Standalone boots a bookie, a metadata store and the broker: tens of seconds on 2 cores.
+START_DEADLINE_S = 180.0
+#: Flags bin/pulsar passes on Java 17: Netty, RocksDB and the CRC32C fast path reach into the JDK.
+JVM_FLAGS = (
+    "-Xms128m",
+    "-Xmx1g",
+    "-XX:MaxDirectMemorySize=1g",
+    "-XX:+UseSerialGC",
+    "-XX:TieredStopAtLevel=1",
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.net.preferIPv4Stack=true",
+    "-Djava.awt.headless=true",
+    "--add-opens", "java.base/java.io=ALL-UNNAMED",
+    "--add-opens", "java.base/java.util.zip=ALL-UNNAMED",
+    "--add-opens", "java.base/java.nio=ALL-UNNAMED",
+    "--add-opens", "java.base/jdk.internal.misc=ALL-UNNAMED",
+    "--add-opens", "java.base/sun.net=ALL-UNNAMED",
+    "--add-opens", "java.management/sun.management=ALL-UNNAMED",
+    "--add-opens", "java.base/jdk.internal.platform=ALL-UNNAMED",  # cgroup CPU/memory for the load manager
+    "-Dio.netty.tryReflectionSetAccessible=true",
+    "-Dpulsar.allocator.exit_on_oom=true",
+    "-Dbookkeeper.metadata.bookie.drivers=org.apache.pulsar.metadata.bookkeeper.PulsarMetadataBookieDriver",
+    "-Dbookkeeper.metadata.client.drivers=org.apache.pulsar.metadata.bookkeeper.PulsarMetadataClientDriver",
+)  # fmt: skip
+
+
+def start() -> core.Started:
+    """Start Pulsar standalone; urls ``pulsar://127.0.0.1:PORT`` and admin ``http://127.0.0.1:WEB``."""
+    jars = _jvm.fetch_jars(NAME, POM)
+    work = core.make_workdir(NAME)
+    names = ("broker", "web", "bookie", "zookeeper", "stream_storage")
+    ports = dict(zip(names, core.free_ports(len(names)), strict=True))
+    (work / "standalone.conf").write_text(
+        string.Template(CONF_TEMPLATE.read_text()).substitute(
+            broker_port=ports["broker"], web_port=ports["web"], loopback_interface=_loopback_interface()
+        )
+    )
+    return _launch(jars, work, ports)
+
+
+def restart(state: dict[str, Any]) -> core.Started:
+    """SIGKILL what is left of the standalone, then start it again on the same ports and data."""
+    ports = {k: int(v) for k, v in state["extra"]["ports"].items()}
+    core.kill_hard([int(p) for p in state["pids"]])
+    for port in ports.values():
+        core.wait_port_free(port)
+    return _launch(Path(str(state["extra"]["jars"])), Path(str(state["workdir"])), ports)
+
+
+def _launch(jars: Path, work: Path, ports: dict[str, int]) -> core.Started:
+    data = work / "data"
+    args = [
+        "--config", str(work / "standalone.conf"),
+        "--no-functions-worker",
+        "--no-stream-storage",
+        "--metadata-dir", str(data / "metadata"),
+        "--bookkeeper-dir", str(data / "bookkeeper"),
+        "--bookkeeper-port", str(ports["bookie"]),
+        # unused with the RocksDB metadata store and without stream storage; set anyway so that
+        # nothing ever falls back to the well-known 2181 / 4181
+        "--zookeeper-dir", str(data / "zookeeper"),
+        "--zookeeper-port", str(ports["zookeeper"]),
+        "--stream-storage-port", str(ports["stream_storage"]),
+    ]  # fmt: skip
+    log = work / "pulsar.log"
+    cmd = _jvm.java_cmd(jars, "org.apache.pulsar.PulsarStandaloneStarter", args, flags=JVM_FLAGS)
+    proc = core.spawn(cmd, log=log, cwd=work)
+    admin = f"http://127.0.0.1:{ports['web']}"
+    t0 = time.monotonic()
+    try:
+        core.wait_ready(
+            NAME, lambda: _ready(admin), deadline_s=START_DEADLINE_S, log=log, proc=proc, interval_s=0.5
+        )
+    except BaseException as exc:
+        core.kill_hard([proc.pid])
+        if not isinstance(exc, core.HarnessError):
+            raise
+        raise core.HarnessError(f"{exc}\n(data and log kept in {work})") from None
+    url = f"pulsar://127.0.0.1:{ports['broker']}"
+    core.say(f"{NAME}: ready in {time.monotonic() - t0:.1f}s at {url}")
+    return core.Started(
+        urls={"url": url, "admin": admin},
+        pids=[proc.pid],
+        workdir=str(work),
+        log=str(log),
+        extra={"jars": str(jars), "ports": ports},
+    )
+
+
+def _get(url: str, timeout_s: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return bytes(resp.read())
+
+
+def _ready(admin: str) -> bool:
+    if "standalone" not in json.loads(_get(f"{admin}/admin/v2/clusters")):
+        return False
+    if "public/default" not in json.loads(_get(f"{admin}/admin/v2/namespaces/public")):
+        return False
+    return _get(f"{admin}/admin/v2/brokers/health", timeout_s=30.0).strip() == b"ok"
+
+
+def _loopback_interface() -> str:
+    """Name of the loopback interface, for the bookie's ``listeningInterface`` (``lo`` on Linux)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), "lo")
