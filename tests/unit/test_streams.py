@@ -24,6 +24,7 @@ def test_records_are_packed_into_batches_and_flushed() -> None:
         producer.send_many(sample(i) for i in range(21))
         assert producer.messages_sent == 2  # two full messages went out as one publish
     assert (producer.records_sent, producer.messages_sent) == (21, 3)
+    assert producer.bytes_sent > 21 * 4 * 4
     received = consumer.receive(max_messages=10, timeout_s=1)
     assert [len(r.batch) for r in received] == [8, 8, 5]
     ys = np.concatenate([r.batch.columns["y"] for r in received])
@@ -63,6 +64,8 @@ def test_poison_is_dead_lettered_and_the_rest_flows() -> None:
     received = consumer.receive(max_messages=10, timeout_s=1)
     assert len(received) == 1
     assert received[0].batch.columns["y"].tolist() == [0, 1, 2]
+    assert received[0].indices == (0, 1, 2)
+    assert received[0].index_in_message(2) == 2
     assert consumer.dead_lettered == 2
     dead = dlq.receive(max_messages=10, timeout_s=1)
     reasons = sorted(d.headers[DLQ_HEADER_REASON] for d in dead)

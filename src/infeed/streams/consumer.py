@@ -26,10 +26,22 @@ __all__ = ["Received", "StreamConsumer"]
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One delivery and the valid records it carried (a single record is a batch of one)."""
+    """One delivery and the valid records it carried (a single record is a batch of one).
+
+    Attributes:
+        delivery: the broker delivery.
+        batch: the records that passed the schema.
+        indices: where each record of ``batch`` stood in the message, when some were
+            dead-lettered; ``None`` when the batch is the whole message.
+    """
 
     delivery: Delivery
     batch: RecordBatch
+    indices: tuple[int, ...] | None = None
+
+    def index_in_message(self, i: int) -> int:
+        """Return the index in the original message of record ``i`` of ``batch``."""
+        return i if self.indices is None else self.indices[i]
 
 
 class StreamConsumer:
@@ -73,6 +85,7 @@ class StreamConsumer:
             except DecodeError as exc:
                 self._dead_letter(delivery, f"undecodable: {exc}")
                 continue
+            indices = None
             if self.schema is not None:
                 valid, invalid = self.schema.split(batch)
                 if invalid and len(valid) == 0:
@@ -81,8 +94,9 @@ class StreamConsumer:
                     continue
                 if invalid:
                     self._dead_letter_records(delivery, batch, invalid)
+                    indices = tuple(i for i in range(len(batch)) if i not in invalid)
                 batch = valid
-            out.append(Received(delivery, batch))
+            out.append(Received(delivery, batch, indices))
         return out
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:

@@ -66,6 +66,8 @@ class Producer:
         self.records_sent = 0
         #: Messages handed to the broker so far.
         self.messages_sent = 0
+        #: Payload bytes handed to the broker so far.
+        self.bytes_sent = 0
 
     def send(self, record: Mapping[str, Any]) -> None:
         """Buffer one record; publishes when a batch of messages is full.
@@ -109,6 +111,7 @@ class Producer:
         if self._messages:
             self.broker.publish_many(self.topic, self._messages)
             self.messages_sent += len(self._messages)
+            self.bytes_sent += sum(len(m.payload) for m in self._messages)
             self.records_sent += self._pending_records
             self._messages, self._pending_records = [], 0
 
