@@ -1,0 +1,83 @@
+"""``infeed bench``: a typer app (``brokers``, ``all``) that the main CLI mounts as ``bench``.
+
+Run it alone with ``python -m infeed.bench.cli brokers``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from infeed.bench import brokers as figure_brokers
+from infeed.bench import harness
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Measure infeed against raw clients (BENCHMARKS.md); writes bench/results/*.json and *.png.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+BackendOpt = Annotated[
+    list[str] | None,
+    typer.Option("--backend", "-b", help="Only this backend (repeatable): memory, sqlite, redis, ..."),
+]
+PayloadOpt = Annotated[
+    list[str] | None,
+    typer.Option("--payload", "-p", help="Only this workload (repeatable): msg-1k, sample-784."),
+]
+RepsOpt = Annotated[
+    int, typer.Option("--repetitions", "-r", min=1, help="Rounds per side, each on a fresh topic.")
+]
+MessagesOpt = Annotated[
+    int | None,
+    typer.Option("--messages", "-n", min=1, help="Messages per round (default: sized to --seconds)."),
+]
+SecondsOpt = Annotated[
+    float, typer.Option("--seconds", min=0.05, help="Target seconds of the slowest measurement of a round.")
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder for the JSON and PNG results.")]
+BrokersFileOpt = Annotated[Path, typer.Option("--brokers-file", help="State file of scripts/brokers.")]
+
+
+@app.command("brokers")
+def brokers(
+    backend: BackendOpt = None,
+    payload: PayloadOpt = None,
+    repetitions: RepsOpt = harness.DEFAULT_REPETITIONS,
+    messages: MessagesOpt = None,
+    seconds: SecondsOpt = figure_brokers.DEFAULT_SECONDS,
+    out: OutOpt = harness.DEFAULT_OUT_DIR,
+    brokers_file: BrokersFileOpt = figure_brokers.DEFAULT_BROKERS_FILE,
+) -> None:
+    """Figure 1: infeed produce and consume+ack msgs/s ÷ the raw client's, per backend."""
+    try:
+        figure_brokers.run(
+            backends=backend,
+            payloads=payload,
+            repetitions=repetitions,
+            messages=messages,
+            seconds=seconds,
+            out_dir=out,
+            brokers_file=brokers_file,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command("all")
+def all_figures(
+    repetitions: RepsOpt = harness.DEFAULT_REPETITIONS,
+    seconds: SecondsOpt = figure_brokers.DEFAULT_SECONDS,
+    out: OutOpt = harness.DEFAULT_OUT_DIR,
+    brokers_file: BrokersFileOpt = figure_brokers.DEFAULT_BROKERS_FILE,
+) -> None:
+    """Every figure measured so far (figure 1: brokers)."""
+    figure_brokers.run(repetitions=repetitions, seconds=seconds, out_dir=out, brokers_file=brokers_file)
+
+
+if __name__ == "__main__":
+    app()
