@@ -170,9 +170,7 @@ def as_positions(positions: Position | Iterable[Position]) -> list[Position]:
 class Consumer(abc.ABC):
     """A member of a consumer group on one topic. Use it from one thread at a time."""
 
-    def __init__(
-        self, broker: Broker, topic: str, group: str, dead_letter_topic: str | None = None
-    ) -> None:
+    def __init__(self, broker: Broker, topic: str, group: str, dead_letter_topic: str | None = None) -> None:
         self.broker = broker
         self.topic = topic
         self.group = group
