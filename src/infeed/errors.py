@@ -25,6 +25,8 @@ No error is ever turned into "no message".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "BrokerConnectionError",
     "BrokerError",
@@ -76,8 +78,14 @@ class LeaseLostError(BrokerError):
     """An ack or nack came after the delivery's lease had passed to another consumer.
 
     The message may be (or may have been) delivered to another member of the group; the
-    caller's work on it must be treated as not counted.
+    caller's work on it must be treated as not counted. The other deliveries of the same call
+    were settled; ``positions`` names the ones that were not.
     """
+
+    def __init__(self, message: str, *, positions: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        #: Positions (``infeed.types.Position``) of the deliveries whose lease was lost.
+        self.positions: tuple[object, ...] = tuple(positions)
 
 
 class UnsupportedOperationError(BrokerError):

@@ -61,8 +61,10 @@ def consume(url: str, topic: str, group: str, out_file: str, done_file: str, qui
             try:
                 consumer.ack(batch)
                 acked.extend(ids)
-            except LeaseLostError:
-                lost.extend(ids)
+            except LeaseLostError as exc:
+                gone = set(exc.positions)
+                for d, i in zip(batch, ids, strict=True):
+                    (lost if d.position in gone else acked).append(i)
             last = time.monotonic()
         elif Path(done_file).exists() and time.monotonic() - last > quiet_s:
             break

@@ -68,8 +68,9 @@ def test_unacked_delivery_is_redelivered_after_ack_timeout(broker: Broker, topic
     assert second.payload == b"slow"
     assert second.position == first.position
     assert second.delivery_count == 2
-    with pytest.raises(LeaseLostError):
+    with pytest.raises(LeaseLostError) as lost:
         holder.ack(first)
+    assert lost.value.positions == (first.position,)
     other.ack(second)
     assert_nothing_more(other, wait_s=ACK_TIMEOUT_S + 0.5)
 

@@ -254,7 +254,8 @@ class _RedisConsumer(Consumer):
         if lost:
             raise LeaseLostError(
                 f"{len(lost)} deliveries lost their lease (first: {lost[0]}); "
-                "they were or will be delivered to another member"
+                "they were or will be delivered to another member",
+                positions=lost,
             )
 
     def _settle_command(

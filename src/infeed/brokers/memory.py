@@ -463,7 +463,8 @@ def _raise_lost(lost: list[Delivery]) -> None:
     if lost:
         raise LeaseLostError(
             f"{len(lost)} deliveries lost their lease (first: {lost[0].position}); "
-            "they were or will be delivered to another member"
+            "they were or will be delivered to another member",
+            positions=[d.position for d in lost],
         )
 
 
