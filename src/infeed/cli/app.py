@@ -54,6 +54,7 @@ app.add_typer(topics.app, name="topics")
 app.command("produce")(produce.produce)
 app.command("consume")(consume.consume)
 app.command("demo")(demo.demo)
+app.command("bridge")(importlib.import_module("infeed.cli.bridge").bridge)
 
 
 def _bench(ctx: typer.Context) -> None:
