@@ -46,9 +46,7 @@ from infeed.brokers._nats_link import (
     subject_of,
 )
 from infeed.errors import (
-    BrokerConnectionError,
     ConsumerClosedError,
-    InfeedError,
     LeaseLostError,
     TopicNotFoundError,
 )
@@ -66,7 +64,7 @@ class _Slot:
     durable: str
     next_subject: str
     ack_wait_s: float = 0.0
-    #: how long this member trusts a lease: the ack wait less a margin (10%, at most 1 s)
+    #: how long this member trusts a lease: the ack wait less a margin (half, at most 1 s)
     lease_s: float = 0.0
     rid: int = 0  # outstanding pull request (0: none)
     expect: int = 0
@@ -82,7 +80,9 @@ class _Slot:
 
 def _set_ack_wait(slot: _Slot, ack_wait_s: float) -> None:
     slot.ack_wait_s = ack_wait_s
-    slot.lease_s = ack_wait_s - min(0.1 * ack_wait_s, 1.0)
+    # The margin covers the time from the lease check to the server reading the +ACK: the server
+    # accepts an ack even after it redelivered the message, so a late one goes unnoticed.
+    slot.lease_s = ack_wait_s - min(0.5 * ack_wait_s, 1.0)
 
 
 def consumer_config(
@@ -137,7 +137,6 @@ class Puller:
         self._sub: Subscription | None = None
         self._start = "earliest"
         #: a background ack send that failed, raised by the next call
-        self._failed: BaseException | None = None
         self.closed = False
 
     # -- setup -------------------------------------------------------------------------------
@@ -378,25 +377,25 @@ class Puller:
                 taken[r] = lease
         return held, taken, lost
 
-    def ack(self, deliveries: list[Delivery]) -> None:
-        """Ack from the caller's thread without waiting for the loop (like nats.go's ``Ack``).
+    async def ack(self, deliveries: list[Delivery]) -> None:
+        """Check the leases, send the ``+ACK``s and wait until the server has read them.
 
-        The leases are checked and dropped here; the loop sends the ``+ACK``s soon after, ahead
-        of anything asked later. Waiting for the loop thread would cost a GIL hand-over (up to
-        5 ms) while it reads a prefetched batch. A send that fails after the retry bound makes
-        the next call of this member raise; those messages are then delivered again.
+        Waiting (one PING/PONG round trip per call, not per message) keeps the time between the
+        lease check and the server reading the ack short and bounded: an ack sent in the
+        background could reach the server after it redelivered the message, and the server
+        would accept it silently (a delivery counted twice). If sending fails after the retry
+        bound the leases stay, and the error is raised.
         """
         _, taken, lost = self._settle(deliveries)
         if taken:
-            self.link.loop.call_soon_threadsafe(self.link.spawn, self._send_acks(list(taken)))
+            try:
+                await self.link.send(list(taken), b"+ACK")
+                await self.link.nc.flush(timeout=max(1, int(self.link.cfg.request_timeout_s)))
+            except BaseException:
+                self._leases.update(taken)
+                raise
         if lost:
             raise _lost(lost)
-
-    async def _send_acks(self, replies: list[str]) -> None:
-        try:
-            await self.link.send(replies, b"+ACK")
-        except (InfeedError, nats.errors.Error) as exc:
-            self._failed = self._failed or exc
 
     async def settle(self, deliveries: list[Delivery], requeue: bool, reason: str = "") -> None:
         """Requeue (``-NAK``) or dead-letter (``+TERM`` once the copy is stored); wait for it.
@@ -479,15 +478,9 @@ class Puller:
             self._sub = None
 
     def check_open(self) -> None:
-        """Raise if closed, or if acks sent in the background failed (once)."""
+        """Raise if closed."""
         if self.closed:
             raise ConsumerClosedError(f"consumer of group {self.group!r} on {self.topic!r} is closed")
-        failed, self._failed = self._failed, None
-        if failed is not None:
-            raise BrokerConnectionError(
-                f"acks of earlier deliveries did not reach NATS at {self.link.url} ({failed}); "
-                "those messages will be delivered again"
-            ) from failed
 
 
 def _lost(lost: list[Delivery]) -> LeaseLostError:

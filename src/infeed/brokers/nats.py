@@ -490,7 +490,7 @@ class _NATSConsumer(Consumer):
     def ack(self, deliveries: Delivery | Iterable[Delivery]) -> None:
         if self._b._closed:
             raise BrokerError(f"the NATS broker object for {self._b._url} is closed")
-        self._p.ack(as_deliveries(deliveries))
+        self._b._run(self._p.ack(as_deliveries(deliveries)))
 
     def nack(
         self, deliveries: Delivery | Iterable[Delivery], *, requeue: bool = True, reason: str = ""
