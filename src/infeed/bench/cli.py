@@ -68,6 +68,9 @@ def brokers(
         raise typer.BadParameter(str(exc)) from exc
 
 
+app.command("train-feed")(__import__("infeed.bench.train_feed", fromlist=["cli"]).cli)
+
+
 @app.command("all")
 def all_figures(
     repetitions: RepsOpt = harness.DEFAULT_REPETITIONS,

@@ -55,6 +55,8 @@ app.command("produce")(produce.produce)
 app.command("consume")(consume.consume)
 app.command("demo")(demo.demo)
 app.command("bridge")(importlib.import_module("infeed.cli.bridge").bridge)
+app.command("train")(importlib.import_module("infeed.cli.train").train)
+app.add_typer(importlib.import_module("infeed.cli.datasets").app, name="datasets")
 
 
 def _bench(ctx: typer.Context) -> None:

@@ -1,0 +1,475 @@
+"""``QueueDataset``: a torch ``IterableDataset`` of collated batches from a topic, resumable exactly.
+
+Batches hold exactly ``batch_size`` records (the last one of a finished stream may hold fewer),
+cut from the record stream whatever the packing of records into messages and whenever they
+arrived. A background thread (``_prefetch``) receives and decodes ahead into a queue bounded in
+bytes. ``state_dict()`` holds, per partition, the position of the next record to read (message
+offset + record index), the records held back (a partial batch, or the shuffle buffer), the
+shuffle generator and the epoch bounds; a dataset loaded from it yields the same batches as one
+that never stopped (single partition; several partitions interleave in arrival order).
+
+Acks: on brokers that can seek (logs), each message is acked on receipt and the checkpoint plus a
+seek on restore is the truth; elsewhere (queues) a message is acked by :meth:`QueueDataset.commit`
+once a durable checkpoint covers all its records.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from infeed.brokers import Broker, connect
+from infeed.codecs import CodecRegistry, Schema
+from infeed.errors import LeaseLostError
+from infeed.streams import StreamConsumer
+from infeed.training._chunks import Chunk
+from infeed.training._collate import Columns, to_tensors
+from infeed.training._prefetch import EpochEnd, EpochPlan, Failed, Idle, Prefetcher, StreamEnd, TapConsumer
+from infeed.training._shuffle import ShuffleBuffer
+from infeed.training.state import STATE_FORMAT, decode_positions, encode_positions
+from infeed.types import Capability, Delivery, Position
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGES",
+    "DEFAULT_POLL_S",
+    "DEFAULT_PREFETCH_BYTES",
+    "QueueDataset",
+]
+
+#: Decoded bytes the prefetch thread may hold ahead of the training step.
+DEFAULT_PREFETCH_BYTES = 64 * 1024 * 1024
+#: Messages per receive call of the prefetch thread.
+DEFAULT_MAX_MESSAGES = 256
+#: Receive timeout of the prefetch thread: the longest a commit waits while nothing arrives.
+DEFAULT_POLL_S = 0.05
+
+T = TypeVar("T")
+_Array = np.ndarray[Any, Any]
+
+
+class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
+    """Collated tensor batches (field name -> tensor) from one topic, with exact resume.
+
+    Use it as a context manager (or call :meth:`close`), and iterate it in the training process:
+    it runs its own prefetch thread, so wrap it as ``DataLoader(ds, batch_size=None)`` if at all.
+
+    Args:
+        broker: a broker URL, or a broker object (not closed by the dataset).
+        topic: the topic to read.
+        group: the consumer group.
+        schema: every record is validated and cast to it; failing records are dead-lettered.
+        batch_size: records per batch.
+        epochs: passes over the topic as it stands when the first one starts (needs a broker with
+            ``REPLAY`` and ``SEEK``); ``None`` reads an endless stream.
+        shuffle_buffer: records held back to shuffle among (0: stream order).
+        seed: seed of the shuffle generator.
+        drop_last: never yield a batch of fewer than ``batch_size`` records.
+        partitions: read only these partitions (default all).
+        prefetch_bytes: payload bytes the prefetch thread may hold ahead.
+        max_messages: messages per receive call.
+        poll_s: receive timeout of the prefetch thread.
+        idle_timeout_s: end an iteration after this long without a message (None: wait forever).
+        dead_letter_topic: where poison goes (default ``TOPIC.dlq``).
+        codecs: codecs the messages may use (default msgpack + json).
+
+    Raises:
+        ValueError: a bad size or count, a str field in the schema, or ``epochs`` on a broker that
+            cannot replay.
+    """
+
+    def __init__(
+        self,
+        broker: str | Broker,
+        topic: str,
+        *,
+        group: str,
+        schema: Schema,
+        batch_size: int,
+        epochs: int | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+        partitions: Sequence[int] | None = None,
+        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        poll_s: float = DEFAULT_POLL_S,
+        idle_timeout_s: float | None = None,
+        dead_letter_topic: str | None = None,
+        codecs: CodecRegistry | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if epochs is not None and epochs <= 0:
+            raise ValueError(f"epochs must be > 0 or None, got {epochs}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if max_messages <= 0 or not poll_s > 0:
+            raise ValueError(f"max_messages and poll_s must be > 0, got {max_messages} and {poll_s}")
+        if idle_timeout_s is not None and not idle_timeout_s > 0:
+            raise ValueError(f"idle_timeout_s must be > 0 or None, got {idle_timeout_s}")
+        self._owns_broker = isinstance(broker, str)
+        self.broker: Broker = connect(broker) if isinstance(broker, str) else broker
+        if epochs is not None and not (
+            self.broker.supports(Capability.REPLAY) and self.broker.supports(Capability.SEEK)
+        ):
+            if self._owns_broker:
+                self.broker.close()
+            raise ValueError(
+                f"epochs={epochs} needs a broker that can replay and seek; {type(self.broker).__name__} "
+                "cannot: use epochs=None (an endless stream)"
+            )
+        self.topic = topic
+        self.group = group
+        self.schema = schema
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.drop_last = drop_last
+        self.partitions = None if partitions is None else list(partitions)
+        self.prefetch_bytes = prefetch_bytes
+        self.max_messages = max_messages
+        self.poll_s = poll_s
+        self.idle_timeout_s = idle_timeout_s
+        self.dead_letter_topic = dead_letter_topic
+        self.codecs = codecs
+        #: Acks on receipt (the broker can seek) rather than after a checkpoint.
+        self.ack_on_receipt = self.broker.supports(Capability.SEEK)
+        self._rng = np.random.default_rng(seed)
+        self._held = self._new_held()
+        self._shuffle = (
+            ShuffleBuffer(schema, shuffle_buffer, batch_size, self._rng) if shuffle_buffer else None
+        )
+        if self._shuffle is not None:
+            self._held = self._shuffle.columns
+        self._next: dict[int, Position] = {}
+        self._plan: EpochPlan | None = None
+        self._epoch = 0
+        self._finished = False
+        #: Records read from the stream into this dataset (held back ones included).
+        self.records = 0
+        #: Batches yielded.
+        self.batches = 0
+        self._dead_lettered_before = 0
+        #: Acks after a checkpoint that came too late (the message comes again and is dropped).
+        self.lost_acks = 0
+        self._stream: StreamConsumer | None = None
+        self._prefetch: Prefetcher | None = None
+        self._pending: deque[Chunk] = deque()
+        self._cursor = 0
+        self._dcursor = 0
+        self._consumed: list[Delivery] = []
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _new_held(self) -> Columns:
+        return Columns(self.schema, self.batch_size)
+
+    def open(self) -> None:
+        """Join the group, seek to the resume positions and start the prefetch thread (idempotent).
+
+        Without a loaded state, reading resumes at the group's committed positions, else at the
+        start of each partition.
+        """
+        if self._closed:
+            raise ValueError("this QueueDataset is closed")
+        if self._stream is None:
+            consumer = self.broker.subscribe(
+                self.topic,
+                group=self.group,
+                start="earliest",
+                partitions=self.partitions,
+                dead_letter_topic=self.dead_letter_topic,
+            )
+            self._stream = StreamConsumer(TapConsumer(consumer), registry=self.codecs, schema=self.schema)
+            self._position_at_start()
+        if self._finished or (self._prefetch is not None and self._prefetch.is_alive()):
+            return
+        if self._plan is not None:
+            self._plan.remaining = (self.epochs or 0) - self._epoch
+        self._prefetch = Prefetcher(
+            self._stream,
+            fields=tuple(self.schema.fields),
+            resume=self._next,
+            ack_on_receipt=self.ack_on_receipt,
+            plan=self._plan,
+            capacity_bytes=self.prefetch_bytes,
+            max_messages=self.max_messages,
+            target_records=4 * self.batch_size,
+            poll_s=self.poll_s,
+            idle_timeout_s=self.idle_timeout_s,
+        )
+        self._prefetch.start()
+
+    def _position_at_start(self) -> None:
+        assert self._stream is not None
+        tap = self._stream.consumer
+        if not self.broker.supports(Capability.SEEK):
+            return
+        info = self.broker.describe_topic(self.topic)
+        parts = self.partitions if self.partitions is not None else range(len(info.partitions))
+        extent = {p: info.partitions[p] for p in parts}
+        if not self._next:
+            committed = tap.committed() if self.broker.supports(Capability.OFFSET_COMMIT) else {}
+            self._next = {p: committed.get(p, Position(self.topic, p, extent[p].low)) for p in parts}
+        for p in parts:
+            self._next.setdefault(p, Position(self.topic, p, extent[p].low))
+        tap.seek([Position(self.topic, p, pos.offset) for p, pos in self._next.items()])
+        if self.epochs is not None and self._plan is None:
+            self._plan = EpochPlan(
+                start={p: e.low for p, e in extent.items()},
+                end={p: e.high for p, e in extent.items()},
+                remaining=self.epochs - self._epoch,
+            )
+
+    def close(self) -> None:
+        """Stop the prefetch thread and leave the group (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._prefetch is not None:
+            self._prefetch.stop()
+        if self._stream is not None:
+            self._stream.close()
+        if self._owns_broker:
+            self.broker.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield batches until the last epoch ends, the stream idles out, or forever."""
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "QueueDataset runs its own prefetch thread and must be iterated in the training "
+                "process: use DataLoader(dataset, batch_size=None, num_workers=0) or iterate it directly"
+            )
+        self.open()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self.batches += 1
+            yield to_tensors(batch)
+
+    def _next_batch(self) -> dict[str, _Array] | None:
+        self._fill()
+        held = self._held.count
+        if held == 0 or (self._held.space > 0 and self.drop_last and held < self.batch_size):
+            return None
+        if self._shuffle is not None:
+            return self._shuffle.draw(self.batch_size)
+        batch = self._held.view()
+        self._held = self._new_held()
+        return batch
+
+    def _fill(self) -> None:
+        """Move records from the stream into the held columns until full or the stream stops."""
+        target = self._held
+        prefetch = self._prefetch
+        while target.space > 0:
+            if not self._pending:
+                if prefetch is None or self._finished:
+                    return
+                item = prefetch.queue.get(timeout_s=1.0)
+                if item is None:
+                    if not prefetch.is_alive() and prefetch.queue.nbytes == 0:
+                        return  # stopped by close()
+                    continue
+                if isinstance(item, Chunk):
+                    self._pending.append(item)
+                elif isinstance(item, EpochEnd):
+                    self._epoch += 1
+                    if self._plan is not None and self._epoch < (self.epochs or 0):
+                        self._next = {p: Position(self.topic, p, s) for p, s in self._plan.start.items()}
+                    continue
+                elif isinstance(item, StreamEnd):
+                    self._finished = True
+                    return
+                elif isinstance(item, Idle):
+                    self._prefetch = None
+                    return
+                elif isinstance(item, Failed):
+                    self._prefetch = None
+                    raise item.error
+                continue
+            chunk = self._pending[0]
+            a = self._cursor
+            b = min(len(chunk), a + target.space)
+            if b > a:
+                target.append(chunk.columns, a, b)
+                self._next[chunk.partition] = Position(
+                    self.topic, chunk.partition, int(chunk.next_offset[b - 1]), int(chunk.next_record[b - 1])
+                )
+                self.records += b - a
+            ends = chunk.delivery_ends
+            while self._dcursor < len(ends) and ends[self._dcursor] <= b:
+                self._consumed.append(chunk.deliveries[self._dcursor])
+                self._dcursor += 1
+            if b >= len(chunk):
+                self._pending.popleft()
+                self._cursor = self._dcursor = 0
+            else:
+                self._cursor = b
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def positions(self) -> dict[int, Position]:
+        """Per partition, the position of the next record to read.
+
+        Everything before it went into the yielded batches or the held-back records.
+        """
+        return dict(self._next)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return self._epoch
+
+    @property
+    def finished(self) -> bool:
+        """Whether the last epoch has ended."""
+        return self._finished
+
+    @property
+    def dead_lettered(self) -> int:
+        """Messages and records sent to the dead-letter topic (counted as they are read ahead)."""
+        return self._dead_lettered_before + (self._stream.dead_lettered if self._stream is not None else 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return ``{"meta": JSON-safe dict, "arrays": {field: records held back}}`` (a snapshot).
+
+        Save it with :func:`infeed.training.state.encode_state` (JSON + safetensors, no pickle).
+        """
+        plan = self._plan
+        meta: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "topic": self.topic,
+            "group": self.group,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "seed": self.seed,
+            "fields": self.schema.to_dict(),
+            "positions": encode_positions(self._next),
+            "epoch": self._epoch,
+            "epochs": self.epochs,
+            "epoch_start": None if plan is None else sorted(plan.start.items()),
+            "epoch_end": None if plan is None else sorted(plan.end.items()),
+            "finished": self._finished,
+            "records": self.records,
+            "batches": self.batches,
+            "dead_lettered": self.dead_lettered,
+            "rng": self._rng.bit_generator.state,
+        }
+        arrays = {name: array.copy() for name, array in self._held.view().items()}
+        return {"meta": meta, "arrays": arrays}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from a :meth:`state_dict` (before iterating).
+
+        Raises:
+            ValueError: the state is of another topic, schema or shuffle size, or iteration began.
+        """
+        if self._stream is not None:
+            raise ValueError("load_state_dict() must come before the dataset is iterated or opened")
+        meta, arrays = state["meta"], state["arrays"]
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a QueueDataset state (format {meta.get('format')!r})")
+        if meta["topic"] != self.topic:
+            raise ValueError(f"the state is of topic {meta['topic']!r}, this dataset reads {self.topic!r}")
+        if meta["fields"] != self.schema.to_dict():
+            raise ValueError(f"the state's fields {meta['fields']} differ from the schema's")
+        if meta["shuffle_buffer"] != self.shuffle_buffer:
+            raise ValueError(
+                f"the state has a shuffle buffer of {meta['shuffle_buffer']}, "
+                f"this dataset one of {self.shuffle_buffer}"
+            )
+        self._next = decode_positions(meta["positions"])
+        self._epoch = int(meta["epoch"])
+        if self.epochs is not None and meta["epoch_start"] is not None:
+            self._plan = EpochPlan(
+                start={int(p): int(o) for p, o in meta["epoch_start"]},
+                end={int(p): int(o) for p, o in meta["epoch_end"]},
+                remaining=self.epochs - self._epoch,
+            )
+        self._finished = self.epochs is not None and self._epoch >= self.epochs
+        if meta["finished"] and self._plan is not None and not self._finished:
+            # More epochs than the run that saved this state: the next one starts from the start.
+            self._next = {p: Position(self.topic, p, s) for p, s in self._plan.start.items()}
+        self.records = int(meta["records"])
+        self.batches = int(meta["batches"])
+        self._dead_lettered_before = int(meta["dead_lettered"])
+        self._rng.bit_generator.state = meta["rng"]
+        self._held.load(arrays)
+
+    # -- broker side ----------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        return self._prefetch.call(fn) if self._prefetch is not None else fn()
+
+    def commit(self, state: Mapping[str, Any]) -> None:
+        """Tell the broker that everything before ``state``'s positions is done.
+
+        Call it only once ``state`` is durable (in a checkpoint). It commits the positions (where
+        the broker has offset commits) and, on brokers without seek, acks every message whose
+        records the state covers.
+        """
+        stream = self._stream
+        if stream is None:
+            return
+        positions = decode_positions(state["meta"]["positions"])
+
+        def covered(d: Delivery) -> bool:
+            pos = positions.get(d.position.partition)
+            return pos is not None and d.position.offset < pos.offset
+
+        done = [d for d in self._consumed if covered(d)]
+        self._consumed = [d for d in self._consumed if not covered(d)]
+        prefetch = self._prefetch
+        tap = stream.consumer
+
+        def work() -> None:
+            if positions and self.broker.supports(Capability.OFFSET_COMMIT):
+                tap.commit([Position(self.topic, p, pos.offset) for p, pos in positions.items()])
+            if self.ack_on_receipt:
+                return
+            acks = list(done)
+            if prefetch is not None:
+                acks += [d for d in prefetch.redelivered if covered(d)]
+                prefetch.redelivered = [d for d in prefetch.redelivered if not covered(d)]
+            if acks:
+                try:
+                    tap.ack(acks)
+                except LeaseLostError:
+                    self.lost_acks += 1
+
+        self._call(work)
+
+    def lag(self) -> int:
+        """Messages in the assigned partitions after the next position to read."""
+        info = self.broker.describe_topic(self.topic)
+        total = 0
+        for part in info.partitions:
+            if self.partitions is not None and part.partition not in self.partitions:
+                continue
+            pos = self._next.get(part.partition)
+            total += max(0, part.high - (pos.offset if pos is not None else part.low))
+        return total
