@@ -215,11 +215,13 @@ class Schema:
         Raises:
             TypeError: ``batch`` is not a RecordBatch.
         """
+        if len(batch) == 0:
+            return self.batch_from_records(()), {}
+        try:
+            return self.validate_batch(batch), {}  # the common case: one pass over the columns
+        except SchemaError:
+            pass
         bad = self.find_invalid(batch)
-        if not bad:
-            if len(batch) == 0:
-                return self.batch_from_records(()), {}
-            return self.validate_batch(batch), {}
         good = [i for i in range(len(batch)) if i not in bad]
         if not good:
             return self.batch_from_records(()), bad
