@@ -1,0 +1,130 @@
+"""The amqp:// backend's one error boundary, its URL options, and its ack bookkeeping (no broker)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pika.exceptions
+import pytest
+
+from infeed.brokers._rabbitmq_queue import _Acks
+from infeed.brokers.rabbitmq import RabbitMQBroker, _map_errors
+from infeed.errors import (
+    BrokerConnectionError,
+    BrokerError,
+    BrokerTimeoutError,
+    ConfigError,
+    InfeedError,
+    PayloadTooLargeError,
+    TopicNotFoundError,
+)
+
+URL = "amqp://guest@127.0.0.1:5672/%2F"
+
+PIKA_EXCEPTIONS = sorted(
+    (
+        cls
+        for _, cls in inspect.getmembers(pika.exceptions, inspect.isclass)
+        if issubclass(cls, BaseException) and cls.__module__ == pika.exceptions.__name__
+    ),
+    key=lambda cls: cls.__name__,
+)
+
+
+def _build(cls: type[BaseException]) -> BaseException:
+    """An instance of ``cls`` whatever its constructor wants (reply code + text, a list, nothing)."""
+    attempts: tuple[tuple[Any, ...], ...] = ((), (404, "NOT_FOUND - no exchange 't'"), ([],), ("detail",))
+    for args in attempts:
+        try:
+            return cls(*args)
+        except TypeError:
+            continue
+    raise AssertionError(f"cannot build {cls.__name__}")
+
+
+def test_pika_exports_exceptions() -> None:
+    assert len(PIKA_EXCEPTIONS) > 20
+
+
+@pytest.mark.parametrize("cls", PIKA_EXCEPTIONS, ids=lambda cls: cls.__name__)
+def test_every_pika_exception_maps_into_the_tree(cls: type[BaseException]) -> None:
+    exc = _build(cls)
+    with pytest.raises(InfeedError) as info, _map_errors(URL):
+        raise exc
+    assert info.value.__cause__ is exc
+    assert URL in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no queue"), TopicNotFoundError),
+        (pika.exceptions.ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg"), BrokerError),
+        (pika.exceptions.ChannelClosedByBroker(311, "CONTENT_TOO_LARGE"), PayloadTooLargeError),
+        (pika.exceptions.StreamLostError("Stream connection lost"), BrokerConnectionError),
+        (pika.exceptions.ConnectionClosedByBroker(320, "CONNECTION_FORCED"), BrokerConnectionError),
+        (pika.exceptions.ConnectionBlockedTimeout(), BrokerTimeoutError),
+        (pika.exceptions.AMQPHeartbeatTimeout(), BrokerConnectionError),
+        (pika.exceptions.NackError([]), BrokerError),
+        (ConnectionRefusedError(111, "Connection refused"), BrokerConnectionError),
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_specific_mappings(exc: BaseException, expected: type[InfeedError]) -> None:
+    with pytest.raises(expected), _map_errors(URL):
+        raise exc
+
+
+def test_infeed_errors_and_unrelated_errors_pass_through() -> None:
+    with pytest.raises(TopicNotFoundError), _map_errors(URL):
+        raise TopicNotFoundError("no topic")
+    with pytest.raises(KeyError), _map_errors(URL):
+        raise KeyError("a bug stays a bug")
+
+
+def test_unknown_option_is_named() -> None:
+    with pytest.raises(ConfigError, match="queue_typ"):
+        RabbitMQBroker.from_url("amqp://guest:guest@127.0.0.1:1/%2F?queue_typ=quorum")
+    with pytest.raises(ConfigError, match="queue_type"):
+        RabbitMQBroker.from_url("amqp://127.0.0.1:1/?queue_type=lazy")
+    with pytest.raises(ConfigError, match="max_priority"):
+        RabbitMQBroker.from_url("amqp://127.0.0.1:1/?queue_type=stream&max_priority=5")
+    with pytest.raises(ConfigError):
+        RabbitMQBroker.from_url("amqp:///no-host")
+
+
+def test_unreachable_broker_raises_connection_error_naming_the_url() -> None:
+    url = "amqp://guest:secret@127.0.0.1:1/%2F?reconnect_attempts=2&reconnect_backoff_s=0.01"
+    with pytest.raises(BrokerConnectionError, match=r"127\.0\.0\.1:1") as info:
+        RabbitMQBroker.from_url(url)
+    assert "secret" not in str(info.value)
+    assert "2 attempts" in str(info.value)
+
+
+class _FakeChannel:
+    is_open = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, bool, Any]] = []
+
+    def basic_ack(self, tag: int, multiple: bool = False) -> None:
+        self.sent.append(("ack", tag, multiple, None))
+
+    def basic_nack(self, tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        self.sent.append(("nack", tag, multiple, requeue))
+
+
+def test_acks_use_one_multiple_frame_for_a_leading_run() -> None:
+    acks, chan = _Acks(), _FakeChannel()
+    for tag in range(1, 11):
+        acks.delivered(tag)
+    acks.settle(chan, [3, 1, 2, 4])
+    assert chan.sent == [("ack", 4, True, None)]
+    acks.settle(chan, [7, 9])  # 5 and 6 are still out: one frame each, never a multiple over them
+    assert chan.sent[1:] == [("ack", 7, False, None), ("ack", 9, False, None)]
+    acks.settle(chan, [5, 6, 8], requeue=True)
+    assert chan.sent[3:] == [("nack", 8, True, True)]
+    acks.settle(chan, [10, 10, 4])  # a tag already settled is never sent again
+    assert chan.sent[4:] == [("ack", 10, True, None)]
+    assert not acks.unsettled
