@@ -348,9 +348,16 @@ class Publisher:
 
     def _pump(self) -> None:
         if self._chan is None or not self._chan.is_open:
-            if not self._opening:
+            # Only on an open connection: pumping from a confirm callback while the connection is
+            # closing (the broker died) must not raise inside pika's frame handling, nor leave
+            # ``_opening`` set so that no channel is ever opened again.
+            if not self._opening and self.loop._conn.is_open:
                 self._opening = True
-                chan = self.loop._conn.channel(on_open_callback=self._on_open)
+                try:
+                    chan = self.loop._conn.channel(on_open_callback=self._on_open)
+                except pika.exceptions.ConnectionWrongStateError:
+                    self._opening = False
+                    return
                 chan.add_on_close_callback(self._on_channel_closed)  # also if it never opens
             return
         basic_publish = self._chan.basic_publish
