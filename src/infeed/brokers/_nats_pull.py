@@ -390,12 +390,15 @@ class Puller:
         if taken:
             try:
                 await self.link.send(list(taken), b"+ACK")
-                await self.link.nc.flush(timeout=max(1, int(self.link.cfg.request_timeout_s)))
+                await self.link.retrying("ack", self._flush)
             except BaseException:
                 self._leases.update(taken)
                 raise
         if lost:
             raise _lost(lost)
+
+    async def _flush(self) -> None:
+        await self.link.nc.flush(timeout=max(1, int(self.link.cfg.request_timeout_s)))
 
     async def settle(self, deliveries: list[Delivery], requeue: bool, reason: str = "") -> None:
         """Requeue (``-NAK``) or dead-letter (``+TERM`` once the copy is stored); wait for it.
