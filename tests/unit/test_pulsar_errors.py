@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from infeed.brokers import connect
 from infeed.brokers._pulsar_admin import entries_from, extent
-from infeed.brokers._pulsar_consumer import DeliveryCounts
+from infeed.brokers._pulsar_leases import DeliveryCounts
 from infeed.brokers._pulsar_wire import (
     KEY_PROPERTY,
     AdminHTTPError,

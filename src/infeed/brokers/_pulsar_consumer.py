@@ -7,12 +7,12 @@ pulsar-client: ``receive(timeout)`` with one partition, ``receive_async`` on eac
 
 Leases are kept here, not in the broker: Pulsar's own ack timeout cannot go below 10 s, and it
 accepts a late ack from any member without a word (it acks whatever delivery the message has
-now). Each delivery gets a lease token; the reaper thread of the broker object negatively
-acknowledges a delivery whose ``ack_timeout_s`` passed and forgets its token, so the late ack
-raises ``LeaseLostError`` instead of reaching the broker. A consumer whose connection dropped
-loses its leases too (the broker gave them to other members). A member idle for
-``ack_timeout_s`` with no leases closes its Pulsar consumers ("parks") so the messages prefetched
-into it go to members that read; the next ``receive`` opens them again.
+now). Each delivery gets a lease token; the reaper thread of the broker object
+(``_pulsar_leases.py``) negatively acknowledges a delivery whose ``ack_timeout_s`` passed and
+forgets its token, so the late ack raises ``LeaseLostError`` instead of reaching the broker. A
+consumer whose connection dropped loses its leases too (the broker gave them to other members).
+A member idle for ``ack_timeout_s`` with no leases closes its Pulsar consumers ("parks") so the
+messages prefetched into it go to members that read; the next ``receive`` opens them again.
 
 ``delivery_count`` is 1 + the larger of Pulsar's redelivery count and how often this broker
 object delivered the message before. Pulsar counts nacks and expiries, but not redeliveries after
@@ -28,7 +28,6 @@ import itertools
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,7 +49,7 @@ from infeed.types import Delivery, Position
 if TYPE_CHECKING:
     from infeed.brokers.pulsar import PulsarBroker
 
-__all__ = ["DeliveryCounts", "Reaper", "_PulsarConsumer"]
+__all__ = ["_PulsarConsumer"]
 
 #: Longest a waiting receive blocks in the client before it looks at the connection again.
 _POLL_S = 0.5
@@ -60,92 +59,6 @@ _CHECK_S = 0.5
 _PARK_AFTER_NACK_S = 0.5
 _tokens = itertools.count(1)
 _log = logging.getLogger("infeed.brokers.pulsar")
-
-
-class DeliveryCounts:
-    """Delivery counts of messages this process gave back unsettled, until they come back (bounded).
-
-    Keys are ``(topic, group, partition, offset)``. A lease that ends without an ack (nack,
-    expiry, close, lost connection) is remembered; the next delivery of the message in this
-    process takes the larger of this and Pulsar's count.
-    """
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self._given_back: collections.OrderedDict[tuple[str, str, int, int], int] = collections.OrderedDict()
-        self._limit = limit
-        self._lock = threading.Lock()
-
-    def __bool__(self) -> bool:
-        return bool(self._given_back)
-
-    def remember(self, leases: Iterable[tuple[tuple[str, str, int, int], int]]) -> None:
-        """Remember the delivery counts of leases that ended unsettled."""
-        with self._lock:
-            for key, count in leases:
-                self._given_back[key] = max(count, self._given_back.pop(key, 0))
-            while len(self._given_back) > self._limit:
-                self._given_back.popitem(last=False)
-
-    def count(self, key: tuple[str, str, int, int], broker_redeliveries: int) -> int:
-        """The delivery count of a message delivered now."""
-        with self._lock:
-            return max(broker_redeliveries, self._given_back.pop(key, 0)) + 1
-
-    def forget_from(self, topic: str, group: str, partition: int, offset: int) -> None:
-        """Drop the memory of a partition from ``offset`` on (a seek replays them as new)."""
-        with self._lock:
-            for key in [k for k in self._given_back if k[:3] == (topic, group, partition) and k[3] >= offset]:
-                del self._given_back[key]
-
-
-class Reaper:
-    """One daemon thread per broker object: expires leases, checks connections, parks idle members."""
-
-    def __init__(self) -> None:
-        self._consumers: weakref.WeakSet[_PulsarConsumer] = weakref.WeakSet()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-
-    def register(self, consumer: _PulsarConsumer) -> None:
-        """Watch ``consumer`` (and start the thread on first use)."""
-        with self._cond:
-            self._consumers.add(consumer)
-            if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._run, name="infeed-pulsar-reaper", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def poke(self) -> None:
-        """New leases: look at the deadlines again."""
-        with self._cond:
-            self._cond.notify()
-
-    def stop(self) -> None:
-        """End the thread (the broker is closing)."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(5.0)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if self._stopped:
-                    return
-                consumers = list(self._consumers)
-                now = time.monotonic()
-                due = min((c.next_due(now) for c in consumers), default=now + 60.0)
-                if due > now:
-                    self._cond.wait(due - now)
-                    continue
-            for c in consumers:
-                try:
-                    c.reap()
-                except Exception:  # keep expiring the others' leases; say what went wrong
-                    _log.exception("infeed pulsar reaper: %r failed", c)
 
 
 @dataclass(slots=True)

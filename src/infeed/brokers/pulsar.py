@@ -56,7 +56,8 @@ import _pulsar
 import pulsar
 
 from infeed.brokers._pulsar_admin import COMMITTED_PROPERTY, Admin, entries_from, extent
-from infeed.brokers._pulsar_consumer import DeliveryCounts, Reaper, _PulsarConsumer
+from infeed.brokers._pulsar_consumer import _PulsarConsumer
+from infeed.brokers._pulsar_leases import DeliveryCounts, Reaper
 from infeed.brokers._pulsar_wire import (
     Receipts,
     Retry,
