@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/src
 export PYTHONUNBUFFERED := 1
 
 # Brokers the integration and contract suites run against.
-BROKERS ?= redis rabbitmq nats mosquitto kafka kafka3
+BROKERS ?= redis rabbitmq nats mosquitto kafka kafka3 pulsar
 
 .PHONY: demo test test-unit lint format bench brokers-start brokers-stop lock clean
 

@@ -4,6 +4,16 @@ Ready when the admin API lists the ``standalone`` cluster and the ``public/defau
 (both created by the standalone starter after the broker is up) and the broker health check,
 which writes and reads a heartbeat topic through the bookie, answers ``ok``. Plain ``urllib``:
 no Pulsar client library is needed.
+
+A restart after SIGKILL can come up broken: the killed bookie's registration
+(``/ledgers/available/HOST:PORT``) is still in the RocksDB metadata store, the new bookie deletes
+and re-creates it, and when the store's notification of that deletion arrives after the new lock
+was taken, the lock is "invalidated", re-created, invalidated again, thousands of times a second,
+for good. The bookie flaps between available and gone, the health check may still pass, and
+subscriptions stop reading ("LastConfirmedEntry is null when reading ledger N"). Seen in about
+half the restarts after SIGKILL. So every launch is checked for that loop in the log once ready; a flapping
+standalone is stopped cleanly (SIGTERM: the bookie removes its registration) and started again on
+the same data, up to ``LAUNCH_ATTEMPTS`` times.
 """
 
 from __future__ import annotations
@@ -23,6 +33,17 @@ POM = _jvm.JVM_DIR / "pulsar-pom.xml"
 CONF_TEMPLATE = _jvm.JVM_DIR / "pulsar-standalone.conf"
 #: Standalone boots a bookie, a metadata store and the broker: tens of seconds on 2 cores.
 START_DEADLINE_S = 180.0
+#: Launches of one start or restart before it gives up on a flapping bookie registration.
+LAUNCH_ATTEMPTS = 3
+#: Log line of the bookie registration loop (see the module docstring).
+FLAP_MARK = b"/ledgers/available/"
+FLAP_WORDS = b"was invalidated"
+#: More such lines than this in one launch's log means the loop is running.
+FLAP_LIMIT = 3
+#: Seconds to watch the log for the loop once the standalone answers.
+FLAP_WATCH_S = 2.0
+#: Seconds a flapping standalone gets to stop on SIGTERM before it is killed.
+STOP_GRACE_S = 30.0
 #: Flags bin/pulsar passes on Java 17: Netty, RocksDB and the CRC32C fast path reach into the JDK.
 JVM_FLAGS = (
     "-Xms128m",
@@ -58,7 +79,7 @@ def start() -> core.Started:
             broker_port=ports["broker"], web_port=ports["web"], loopback_interface=_loopback_interface()
         )
     )
-    return _launch(jars, work, ports)
+    return _launch_checked(jars, work, ports)
 
 
 def restart(state: dict[str, Any]) -> core.Started:
@@ -67,7 +88,50 @@ def restart(state: dict[str, Any]) -> core.Started:
     core.kill_hard([int(p) for p in state["pids"]])
     for port in ports.values():
         core.wait_port_free(port)
-    return _launch(Path(str(state["extra"]["jars"])), Path(str(state["workdir"])), ports)
+    return _launch_checked(Path(str(state["extra"]["jars"])), Path(str(state["workdir"])), ports)
+
+
+def _launch_checked(jars: Path, work: Path, ports: dict[str, int]) -> core.Started:
+    """``_launch``, again after a clean stop while the bookie registration flaps (module docstring)."""
+    log = work / "pulsar.log"
+    for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        offset = log.stat().st_size if log.exists() else 0
+        started = _launch(jars, work, ports)
+        time.sleep(FLAP_WATCH_S)  # the loop starts before the broker answers; give it time to show
+        flaps = _flap_lines(log, offset)
+        if flaps <= FLAP_LIMIT:
+            return started
+        core.say(
+            f"{NAME}: bookie registration flapping ({flaps} lock invalidations, launch {attempt} of "
+            f"{LAUNCH_ATTEMPTS}); stopping it cleanly and starting again"
+        )
+        core.stop_pids(started.pids, grace_s=STOP_GRACE_S)
+        for port in ports.values():
+            core.wait_port_free(port)
+    raise core.HarnessError(
+        f"{NAME}: the bookie registration flapped after each of {LAUNCH_ATTEMPTS} launches "
+        f"(data and log kept in {work}); last log lines:\n{core.log_tail(log)}"
+    )
+
+
+def _error_lines(log: Path, offset: int, limit: int = 10) -> str:
+    """The first ``limit`` ERROR lines written to ``log`` after ``offset`` (the tail is often noise)."""
+    found: list[str] = []
+    with open(log, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            if b" ERROR " in line:
+                found.append(line.decode("utf-8", "replace").rstrip()[:400])
+                if len(found) >= limit:
+                    break
+    return "\n".join(found)
+
+
+def _flap_lines(log: Path, offset: int) -> int:
+    """Lines of the bookie registration loop written to ``log`` after ``offset``."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return sum(1 for line in f if FLAP_WORDS in line and FLAP_MARK in line)
 
 
 def _launch(jars: Path, work: Path, ports: dict[str, int]) -> core.Started:
@@ -86,6 +150,7 @@ def _launch(jars: Path, work: Path, ports: dict[str, int]) -> core.Started:
         "--stream-storage-port", str(ports["stream_storage"]),
     ]  # fmt: skip
     log = work / "pulsar.log"
+    offset = log.stat().st_size if log.exists() else 0
     cmd = _jvm.java_cmd(jars, "org.apache.pulsar.PulsarStandaloneStarter", args, flags=JVM_FLAGS)
     proc = core.spawn(cmd, log=log, cwd=work)
     admin = f"http://127.0.0.1:{ports['web']}"
@@ -98,7 +163,9 @@ def _launch(jars: Path, work: Path, ports: dict[str, int]) -> core.Started:
         core.kill_hard([proc.pid])
         if not isinstance(exc, core.HarnessError):
             raise
-        raise core.HarnessError(f"{exc}\n(data and log kept in {work})") from None
+        errors = _error_lines(log, offset)
+        first = f"\nfirst errors of this launch:\n{errors}" if errors else ""
+        raise core.HarnessError(f"{exc}{first}\n(data and log kept in {work})") from None
     url = f"pulsar://127.0.0.1:{ports['broker']}"
     core.say(f"{NAME}: ready in {time.monotonic() - t0:.1f}s at {url}")
     return core.Started(

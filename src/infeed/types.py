@@ -119,6 +119,9 @@ class Capability(enum.Enum):
     DEAD_LETTER = "dead_letter"
     #: Unacked messages of a consumer that died are delivered again to another member.
     REDELIVERY = "redelivery"
+    #: ``delivery_count`` also counts a redelivery caused by a consumer crash (SIGKILL of its
+    #: process), not only nacks and expired leases: the count survives the crashed process.
+    CRASH_DELIVERY_COUNT = "crash_delivery_count"
     #: Several OS processes can share one broker (false only for ``memory://``).
     MULTI_PROCESS = "multi_process"
     #: Old messages can be dropped by policy (committed by every group, age, size).

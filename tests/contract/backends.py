@@ -18,12 +18,20 @@ from tests.support import broker_url
 ACK_TIMEOUT_S = 1.0
 
 
-def real(name: str, **options: object) -> Callable[[Path], str]:
-    """A URL maker for the real broker ``name`` started by scripts/brokers."""
+def real(name: str, *, urls: tuple[str, ...] = (), **options: object) -> Callable[[Path], str]:
+    """A URL maker for the real broker ``name`` started by scripts/brokers.
+
+    Args:
+        name: the broker's name in scripts/brokers.
+        urls: more of the broker's URLs (keys of its ``urls`` entry) passed as ``KEY_url=...``
+            options, e.g. Pulsar's admin API.
+        options: more query options.
+    """
 
     def make(tmp: Path) -> str:
         url = broker_url(name)
-        query = urlencode({"ack_timeout_s": ACK_TIMEOUT_S, **options})
+        extra = {f"{key}_url": broker_url(name, key) for key in urls}
+        query = urlencode({"ack_timeout_s": ACK_TIMEOUT_S, **extra, **options})
         return f"{url}{'&' if '?' in url else '?'}{query}"
 
     return make
@@ -41,7 +49,7 @@ _REAL: dict[str, tuple[str, Callable[[Path], str]]] = {
     "rabbitmq-stream": ("infeed.brokers.rabbitmq", real("rabbitmq", queue_type="stream")),
     "nats": ("infeed.brokers.nats", real("nats")),
     "kafka": ("infeed.brokers.kafka", real("kafka")),
-    "pulsar": ("infeed.brokers.pulsar", real("pulsar")),
+    "pulsar": ("infeed.brokers.pulsar", real("pulsar", urls=("admin",))),
 }
 for _name, (_module, _make) in _REAL.items():
     if importlib.util.find_spec(_module) is not None:

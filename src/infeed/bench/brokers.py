@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from rich.console import Console
 
@@ -77,12 +78,15 @@ class Backend:
         scheme: infeed's URL scheme for it.
         embedded: needs no broker process.
         max_messages: most messages per round (bounds the broker's memory).
+        url_options: more URLs of the broker (keys of its ``urls`` in the state file) that
+            infeed's URL carries as ``KEY_url=...`` options (Pulsar's admin API).
     """
 
     name: str
     scheme: str
     embedded: bool = False
     max_messages: int = 60_000
+    url_options: tuple[str, ...] = ()
 
 
 BACKENDS = (
@@ -92,7 +96,7 @@ BACKENDS = (
     Backend("rabbitmq", "amqp"),
     Backend("nats", "nats"),
     Backend("kafka", "kafka"),
-    Backend("pulsar", "pulsar"),
+    Backend("pulsar", "pulsar", url_options=("admin",)),
 )
 
 
@@ -170,10 +174,19 @@ def _url_for(backend: Backend, url: str | None, workdir: Path) -> Callable[[str]
     return lambda _topic: fixed
 
 
+def _with_options(url: str | None, options: Mapping[str, str | None]) -> str | None:
+    """``url`` with ``options`` in its query; None if it or any option is missing."""
+    if not url or not all(options.values()):
+        return None
+    if not options:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{urlencode(options)}"
+
+
 def discover(
     names: Sequence[str] | None = None, brokers_file: Path = DEFAULT_BROKERS_FILE
 ) -> tuple[list[tuple[Backend, str | None]], list[dict[str, str]]]:
-    """Return the backends to measure (with their broker URL) and the skipped ones with why.
+    """Return the backends to measure (with infeed's URL for them) and the skipped ones with why.
 
     Args:
         names: only these backends (default: all of ``BACKENDS``).
@@ -197,7 +210,8 @@ def discover(
         url = None
         if not backend.embedded:
             entry = running.get(backend.name) if isinstance(running, dict) else None
-            url = (entry or {}).get("urls", {}).get("url")
+            urls = (entry or {}).get("urls", {})
+            url = _with_options(urls.get("url"), {f"{k}_url": urls.get(k) for k in backend.url_options})
             if not url:
                 reason = (
                     f"broker not running (scripts/brokers start {backend.name}; state file {brokers_file})"

@@ -54,6 +54,7 @@ STREAM_CAPS = frozenset(
         Capability.OFFSET_COMMIT,
         Capability.DEAD_LETTER,
         Capability.REDELIVERY,
+        Capability.CRASH_DELIVERY_COUNT,
         Capability.MULTI_PROCESS,
     }
 )

@@ -11,7 +11,8 @@ Semantics every backend keeps (the contract suite in tests/contract checks them)
 * ``ack`` says "this one message is handled"; ``commit`` stores a resume position for the group.
   They are never conflated: acking does not commit, committing does not ack.
 * A delivery left unacked for ``ack_timeout_s`` (or whose consumer died) is delivered again, to
-  any member, with ``delivery_count`` one higher (where ``Capability.REDELIVERY`` is declared).
+  any member (where ``Capability.REDELIVERY`` is declared), with ``delivery_count`` one higher
+  (after a consumer crash, only where ``Capability.CRASH_DELIVERY_COUNT`` is declared too).
 * ``nack(requeue=True)`` makes the message available again at once; ``nack(requeue=False)``
   moves it to the dead-letter topic with the reason in its headers.
 * A group sees the messages published after it first subscribed; only backends that declare

@@ -223,6 +223,7 @@ class KafkaBroker(Broker):
             Capability.PARTITIONS,
             Capability.DEAD_LETTER,
             Capability.REDELIVERY,
+            Capability.CRASH_DELIVERY_COUNT,
             Capability.MULTI_PROCESS,
             Capability.RETENTION,
         }

@@ -95,6 +95,7 @@ class MemoryBroker(Broker):
             Capability.PARTITIONS,
             Capability.DEAD_LETTER,
             Capability.REDELIVERY,
+            Capability.CRASH_DELIVERY_COUNT,
             Capability.RETENTION,
         }
     )

@@ -231,6 +231,7 @@ class NATSBroker(Broker):
             Capability.PARTITIONS,
             Capability.DEAD_LETTER,
             Capability.REDELIVERY,
+            Capability.CRASH_DELIVERY_COUNT,
             Capability.MULTI_PROCESS,
             Capability.RETENTION,
         }

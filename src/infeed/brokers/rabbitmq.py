@@ -94,6 +94,7 @@ _QUEUE_CAPS = frozenset(
         Capability.PARTITIONS,
         Capability.DEAD_LETTER,
         Capability.REDELIVERY,
+        Capability.CRASH_DELIVERY_COUNT,
         Capability.MULTI_PROCESS,
     }
 )

@@ -198,6 +198,7 @@ class RedisBroker(Broker):
             Capability.PARTITIONS,
             Capability.DEAD_LETTER,
             Capability.REDELIVERY,
+            Capability.CRASH_DELIVERY_COUNT,
             Capability.MULTI_PROCESS,
             Capability.RETENTION,
         }

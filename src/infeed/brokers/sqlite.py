@@ -127,6 +127,7 @@ class SQLiteBroker(Broker):
             Capability.PARTITIONS,
             Capability.DEAD_LETTER,
             Capability.REDELIVERY,
+            Capability.CRASH_DELIVERY_COUNT,
             Capability.RETENTION,
             Capability.MULTI_PROCESS,
         }

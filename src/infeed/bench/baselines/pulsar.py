@@ -8,7 +8,6 @@ exclusive subscription (cumulative acks need one), ``batch_receive`` of up to 50
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,11 @@ class PulsarRaw(RawSide):
 
     def __init__(self, *, url: str | None, workdir: Path) -> None:
         super().__init__(url=url, workdir=workdir)
-        quiet = logging.getLogger("infeed.bench.pulsar")
-        quiet.setLevel(logging.WARNING)
-        self._client: Any = pulsar.Client(self._require_url(), logger=quiet)
+        # infeed's URL carries options (admin_url=...) in its query; the client takes the bare URL.
+        # A Python logger can abort the interpreter at exit when a client thread logs during
+        # shutdown, so the client keeps its own console logger (as infeed's backend does).
+        service_url = self._require_url().split("?", 1)[0]
+        self._client: Any = pulsar.Client(service_url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
         self._producer: Any = None
         self._consumer: Any = None
 
