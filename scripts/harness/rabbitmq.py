@@ -115,12 +115,13 @@ def amqp_handshake(port: int, *, user: str = "guest", password: str = "guest", t
     return True
 
 
-def _warm_stream_coordinator(port: int, timeout: float = 30.0) -> None:
-    """Declare and delete a stream queue so the stream coordinator (a Ra cluster) exists on disk.
+def _warm_stream_coordinator(port: int, names_file: Path, timeout: float = 30.0) -> None:
+    """Declare and delete a stream queue so the stream coordinator (a Ra server) exists on disk.
 
-    RabbitMQ registers the coordinator in a DETS file saved every 500 ms; a node SIGKILLed within
-    that window after the *first* stream was declared comes back with the coordinator unknown and
-    every stream "down or inaccessible" for good. Doing it here, before any test, closes the gap.
+    Ra records the coordinator's name in ``names_file`` (DETS, whose delayed write keeps a new
+    record in memory for up to 3 s); a node SIGKILLed before the record reaches the file comes
+    back with the coordinator unknown and every stream "down or inaccessible" for good. Doing it
+    here, and waiting until the name is in the file, closes the gap before any test runs.
     """
     name = b"infeed.harness.warmup"
     s = _amqp_open(port, "guest", "guest", timeout)
@@ -133,7 +134,18 @@ def _warm_stream_coordinator(port: int, timeout: float = 30.0) -> None:
         _expect(s, 50, 41)  # Queue.Delete-Ok
     finally:
         _amqp_close(s)
-    time.sleep(1.0)  # > the 500 ms DETS auto-save
+    end = time.monotonic() + timeout
+    while b"rabbit_stream_coordinator" not in _read(names_file):
+        if time.monotonic() > end:
+            raise ConnectionError(f"the stream coordinator is not recorded in {names_file} after {timeout}s")
+        time.sleep(0.1)  # DETS writes on its own timer; there is nothing to wait on
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 # --- epmd ---------------------------------------------------------------------------------------
@@ -231,8 +243,10 @@ def _launch(ports: dict[str, int], workdir: Path, deadline_s: float, *, warm: bo
         )
         epmd = _epmd_pid(epmd_port, log)
         if warm:
+            node = env["RABBITMQ_NODENAME"]
+            names = workdir / "mnesia" / node / "coordination" / node / "names.dets"
             try:
-                _warm_stream_coordinator(port)
+                _warm_stream_coordinator(port, names)
             except (OSError, ConnectionError) as exc:
                 raise core.HarnessError(
                     f"rabbitmq is up but declaring a stream queue failed: {exc}\n{core.log_tail(log)}"

@@ -9,6 +9,7 @@ import pika.exceptions
 import pytest
 
 from infeed.brokers._rabbitmq_queue import _Acks
+from infeed.brokers._rabbitmq_recovery import is_stream_recovering
 from infeed.brokers.rabbitmq import RabbitMQBroker, _map_errors
 from infeed.errors import (
     BrokerConnectionError,
@@ -74,6 +75,31 @@ def test_every_pika_exception_maps_into_the_tree(cls: type[BaseException]) -> No
 def test_specific_mappings(exc: BaseException, expected: type[InfeedError]) -> None:
     with pytest.raises(expected), _map_errors(URL):
         raise exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "recovering"),
+    [
+        (
+            pika.exceptions.ChannelClosedByBroker(
+                404, "NOT_FOUND - home node 'n@h' of durable queue 't' in vhost '/' is down or inaccessible"
+            ),
+            True,
+        ),
+        (
+            pika.exceptions.ChannelClosedByBroker(
+                406, "PRECONDITION_FAILED - queue 't' in vhost '/' does not have a replica on the local node"
+            ),
+            True,
+        ),
+        (pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no queue 't' in vhost '/'"), False),
+        (pika.exceptions.ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg"), False),
+        (pika.exceptions.StreamLostError("Stream connection lost"), False),
+    ],
+    ids=["down", "no-replica", "no-queue", "inequivalent", "lost"],
+)
+def test_a_stream_the_restarted_node_has_not_started_is_retried(exc: BaseException, recovering: bool) -> None:
+    assert is_stream_recovering(exc) is recovering
 
 
 def test_infeed_errors_and_unrelated_errors_pass_through() -> None:

@@ -99,6 +99,8 @@ class Loop:
     def __init__(self, params: pika.ConnectionParameters, *, timeout_s: float, window: int) -> None:
         self.timeout_s = timeout_s
         self.error: BaseException | None = None
+        #: streams known to run on this connection's node (see ``_rabbitmq_recovery``)
+        self.ready_streams: set[str] = set()
         self._lock = threading.Lock()
         self._pending: set[Future[Any]] = set()
         self._closing = False

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pika.exceptions
 
 from infeed.brokers import _rabbitmq_io as io
+from infeed.brokers import _rabbitmq_recovery as recovery
 from infeed.brokers import _rabbitmq_wire as wire
 from infeed.brokers._rabbitmq_io import Chan, Loop
 from infeed.brokers._rabbitmq_queue import _Acks
@@ -166,7 +167,8 @@ class StreamGroup:
     def _check_reader(self) -> None:
         reader = self.reader
         if reader is not None and reader.error is not None and not reader.loop.closed:
-            raise reader.error  # e.g. 404: the stream was deleted
+            if not recovery.is_stream_recovering(reader.error):  # _start_reader is retrying it
+                raise reader.error  # e.g. 404: the stream was deleted
 
     def _try_acquire(self) -> bool:
         loop = self.b._live()
@@ -197,7 +199,23 @@ class StreamGroup:
         return True
 
     def _start_reader(self, start: int) -> None:
-        """(Re)start the stream reader at ``start`` (a fresh channel: no stale deliveries)."""
+        """(Re)start the stream reader at ``start``, waiting for a restarted node to run the stream.
+
+        If that fails the group is not held any more (the lock queue lives on with the connection,
+        so the next try takes it again).
+        """
+        try:
+            self.b._when_ready(f"reading stream {self.topic!r}", lambda: self._open_reader(start))
+        except BaseException:
+            with self.cond:
+                lock_chan = self.lock_chan
+                self._drop()
+            if lock_chan is not None:
+                lock_chan.close()
+            raise
+
+    def _open_reader(self, start: int) -> None:
+        """Start the stream reader at ``start`` (a fresh channel: no stale deliveries)."""
         assert self.loop is not None
         old, self.reader = self.reader, None
         if old is not None:

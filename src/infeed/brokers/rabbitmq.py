@@ -15,11 +15,13 @@ Stream model (``stream``): see ``_rabbitmq_stream``.
 
 Topics and groups are recorded in a registry stream (``_rabbitmq_registry``) because AMQP cannot
 list them. Every operation runs on one I/O thread per broker (``_rabbitmq_io``); a dropped
-connection is reopened with bounded exponential backoff.
+connection is reopened with bounded exponential backoff, and what a SIGKILLed node needs from
+its clients to come back whole is in ``_rabbitmq_recovery``.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import threading
@@ -33,10 +35,11 @@ import pika
 import pika.exceptions
 
 from infeed.brokers import _rabbitmq_io as io
+from infeed.brokers import _rabbitmq_recovery as recovery
 from infeed.brokers import _rabbitmq_wire as wire
 from infeed.brokers._rabbitmq_io import Chan, Item, Loop
 from infeed.brokers._rabbitmq_io import is_connection_loss as _is_connection_loss
-from infeed.brokers._rabbitmq_registry import Registry, TopicMeta
+from infeed.brokers._rabbitmq_registry import REGISTRY_QUEUE, Registry, TopicMeta
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
     Broker,
@@ -282,7 +285,7 @@ class RabbitMQBroker(Broker):
         while True:
             loop = self._live()
             try:
-                return fn(loop)
+                return self._when_ready(what, functools.partial(fn, loop))
             except Exception as exc:
                 if not _is_connection_loss(exc, loop):
                     raise
@@ -291,6 +294,33 @@ class RabbitMQBroker(Broker):
                     raise BrokerConnectionError(
                         f"{what}: the connection to {self.config.url} kept dropping ({failures} times)"
                     ) from exc
+
+    def _when_ready(self, what: str, fn: Callable[[], T]) -> T:
+        """Call ``fn``; while a restarted node has not started a stream yet, back off and call it again.
+
+        Raises:
+            BrokerConnectionError: the stream was still not running after ``reconnect_attempts`` calls.
+        """
+        cfg = self.config
+        delay = cfg.reconnect_backoff_s
+        for attempt in range(1, cfg.reconnect_attempts + 1):
+            try:
+                return fn()
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if not recovery.is_stream_recovering(exc):
+                    raise
+                if attempt == cfg.reconnect_attempts:
+                    raise BrokerConnectionError(
+                        f"{what}: RabbitMQ at {cfg.url} still answers {exc.reply_code} "
+                        f"{exc.reply_text!r} after {attempt} tries. A restarted node starts its streams "
+                        "shortly after it accepts connections: retry later or raise reconnect_attempts. "
+                        "If it never ends, the node lost its stream coordinator (RabbitMQ 3.10 does when "
+                        "killed within ~3 s of its first stream; see docs/architecture.md)"
+                    ) from exc
+            if self._closed.wait(delay):
+                break
+            delay = min(delay * 2, cfg.reconnect_backoff_max_s)
+        raise BrokerError(f"broker {cfg.url} is closed")
 
     def _sync(self) -> dict[str, TopicMeta]:
         return self._retry("reading the topic registry", lambda _loop: self._registry.sync())
@@ -365,7 +395,13 @@ class RabbitMQBroker(Broker):
                 chan.sync(f"declaring {name!r}", chan.impl.queue_declare, name, durable=True, arguments=args)
                 chan.sync(f"binding {name!r}", chan.impl.queue_bind, name, topic, routing_key=str(p))
 
+        quorum = meta.queue_type == "quorum"
+        new = quorum and not self._admin(
+            "checking group queues", lambda chan: recovery.queues_exist(chan, names)
+        )
         self._admin("declaring group queues", declare)
+        if new:  # a node killed before the new queues' names reach its disk would lose them
+            self._admin("persisting quorum queue names", recovery.persist_quorum_names)
         if group not in meta.groups:
             self._registry.append([{"op": "group", "name": topic, "group": group}])
             meta.groups.add(group)
@@ -503,12 +539,18 @@ class RabbitMQBroker(Broker):
         """Publish with confirms, resending what was not confirmed after a connection loss."""
         remaining: Sequence[Item] = items
         failures, redeclared = 0, False
+        exc: BaseException | None
         while remaining:
             loop = self._live()
-            job, exc = io.publish(loop, remaining)
-            if exc is None:
-                return
-            remaining = job.unconfirmed()
+            try:
+                self._check_streams(loop, remaining)
+            except Exception as error:
+                exc = error
+            else:
+                job, exc = io.publish(loop, remaining)
+                if exc is None:
+                    return
+                remaining = job.unconfirmed()
             if (
                 isinstance(exc, pika.exceptions.ChannelClosedByBroker)
                 and exc.reply_code == 404
@@ -528,6 +570,30 @@ class RabbitMQBroker(Broker):
                 raise BrokerConnectionError(
                     f"publishing to {self.config.url}: the connection kept dropping ({failures} times)"
                 ) from exc
+
+    def _check_streams(self, loop: Loop, items: Sequence[Item]) -> None:
+        """Before the first publish to a stream on ``loop``: wait until the node runs that stream.
+
+        A restarted node confirms and drops what is published to a stream it has not restarted
+        yet (``_rabbitmq_recovery``).
+        """
+        for name in {key for exchange, key, _, _ in items if not exchange and self._is_stream(key)}:
+            if name in loop.ready_streams:
+                continue
+
+            def check(name: str = name) -> None:
+                chan = loop.channel()
+                try:
+                    recovery.check_stream(chan, name)
+                finally:
+                    chan.close()
+
+            self._when_ready(f"publishing to stream {name!r}", check)
+            loop.ready_streams.add(name)
+
+    def _is_stream(self, queue: str) -> bool:
+        """Whether ``queue`` (a routing key on the default exchange) names a stream."""
+        return queue == REGISTRY_QUEUE or (self.model == "stream" and ":" not in queue)
 
     # -- consume ----------------------------------------------------------------------------
 
