@@ -92,7 +92,7 @@ def train(
 
     from infeed.codecs import Schema
     from infeed.training import ModelRegistry, QueueDataset, Trainer, TrainingMetrics
-    from infeed.training.registry import resolve_factory
+    from infeed.inference.registry import resolve_factory
 
     try:
         kwargs = json.loads(model_kwargs)
