@@ -158,7 +158,8 @@ class Batcher:
                 break
             fits += 1
         self._held = pending[fits:]
-        batch.ready, batch.expired = self.split_expired(pending[:fits])
+        batch.ready, late = self.split_expired(pending[:fits])
+        batch.expired += late
         return batch
 
     def split_expired(self, pending: Sequence[Pending]) -> tuple[list[Pending], list[Pending]]:
@@ -187,11 +188,15 @@ class Batcher:
         return got
 
     def _take(self, deliveries: list[Delivery], batch: Batch, pending: list[Pending]) -> int:
+        cutoff = self._clock() + self.config.min_time_left_s
         for delivery in deliveries:
             try:
-                pending.append(Pending(delivery, decode_request(delivery.payload)))
+                p = Pending(delivery, decode_request(delivery.payload))
             except InvalidRequestError as exc:
                 batch.invalid.append((delivery, exc))
+                continue
+            # Expired on arrival: set apart at once, so it takes no room in the batch.
+            (pending if p.request.deadline > cutoff else batch.expired).append(p)
         return len(deliveries)
 
 
