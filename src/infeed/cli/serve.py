@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -107,8 +108,18 @@ def _run_worker(options: dict[str, Any], index: int, stop: Any) -> None:
 
 
 def _child(options: dict[str, Any], index: int, stop: Event) -> None:
+    import os
+    import threading
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through ``stop``
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    parent = os.getppid()
+
+    def orphaned() -> None:  # a parent killed with SIGKILL cannot say stop: notice it is gone
+        while not stop.wait(_SUPERVISE_S):
+            if os.getppid() != parent:
+                stop.set()
+
+    threading.Thread(target=orphaned, daemon=True).start()
     try:
         _run_worker(options, index, stop)
     except typer.Exit as exc:
@@ -118,8 +129,9 @@ def _child(options: dict[str, Any], index: int, stop: Event) -> None:
 def _supervise(options: dict[str, Any], count: int) -> None:
     ctx = multiprocessing.get_context("spawn")  # no torch state or broker connections forked
     stop = ctx.Event()
+    stopping: list[int] = []  # a signal handler must not take the Event's lock: a plain flag
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda signum, _: stopping.append(signum))
 
     def start(i: int) -> SpawnProcess:
         process = ctx.Process(target=_child, args=(options, i, stop), name=f"infeed-worker-{i}")
@@ -127,11 +139,13 @@ def _supervise(options: dict[str, Any], count: int) -> None:
         return process
 
     processes = [start(i) for i in range(count)]
-    while not stop.wait(_SUPERVISE_S):
+    while not stopping:
+        time.sleep(_SUPERVISE_S)
         for i, process in enumerate(processes):
-            if not process.is_alive():
+            if not process.is_alive() and not stopping:
                 err().print(f"worker {i} (pid {process.pid}) exited with {process.exitcode}; starting it again")
                 processes[i] = start(i)
+    stop.set()
     for process in processes:
         process.join()
 
