@@ -75,6 +75,7 @@ class Server:
                 self._serving += 1
                 if self._serving >= self._workers:
                     self.ready.set()
+        self.proc.stderr.close()  # end of output: the process is gone
 
     def wait_ready(self) -> None:
         if not self.ready.wait(START_S):
@@ -88,8 +89,6 @@ class Server:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(60)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -130,6 +129,7 @@ def _raw_replies(broker: Broker, topic: str, count: int, timeout_s: float = 120.
     return replies
 
 
+@pytest.mark.timeout(400)  # three worker restarts, each a Python start and a torch import
 def test_sigkilled_workers_lose_no_request(url: str, name: str, tmp_path: Path, servers: list[Server]) -> None:
     registry = ModelRegistry(tmp_path / "models")
     publish_probe(registry, name, 1, 2.0, sleep_s=0.01)
@@ -223,6 +223,7 @@ def test_expired_requests_never_reach_the_model_and_poison_is_isolated(
         dlq.close()
 
 
+@pytest.mark.timeout(300)
 def test_version_swap_under_load(url: str, name: str, tmp_path: Path, servers: list[Server]) -> None:
     registry = ModelRegistry(tmp_path / "models")
     publish_probe(registry, name, 1, 2.0)
