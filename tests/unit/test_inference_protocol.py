@@ -142,3 +142,16 @@ def test_run_model_calls_once_and_checks_row_counts() -> None:
         run_model(lambda x: x[:1], [_request("a", rows=1), _request("b", rows=2)])
     with pytest.raises(TypeError, match="tensor or array"):
         run_model(lambda x: {"y": [1]}, [_request("a")])
+
+
+def test_public_names_resolve_and_a_client_needs_no_torch() -> None:
+    import subprocess
+    import sys
+
+    import infeed.inference as inference
+
+    for name in inference.__all__:
+        assert getattr(inference, name) is not None
+    code = "import sys; from infeed.inference import Client, AsyncClient; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -37,7 +37,9 @@ def serve(
         float, typer.Option(min=0.0, help="Treat requests with less time left than this as expired.")
     ] = 0.0,
     priorities: Annotated[int, typer.Option(min=1, max=10, help="Priority levels served.")] = 3,
-    events_topic: Annotated[str, typer.Option(help="Where new versions are announced.")] = "infeed.model-events",
+    events_topic: Annotated[
+        str, typer.Option(help="Where new versions are announced.")
+    ] = "infeed.model-events",
     follow: Annotated[bool, typer.Option(help="Load announced versions (hot reload).")] = True,
     threads: Annotated[int, typer.Option(min=1, help="torch threads per worker.")] = 1,
     metrics_port: Annotated[
@@ -143,7 +145,9 @@ def _supervise(options: dict[str, Any], count: int) -> None:
         time.sleep(_SUPERVISE_S)
         for i, process in enumerate(processes):
             if not process.is_alive() and not stopping:
-                err().print(f"worker {i} (pid {process.pid}) exited with {process.exitcode}; starting it again")
+                err().print(
+                    f"worker {i} (pid {process.pid}) exited with {process.exitcode}; starting it again"
+                )
                 processes[i] = start(i)
     stop.set()
     for process in processes:
@@ -173,7 +177,10 @@ def predict(
     input_: Annotated[
         str,
         typer.Option(
-            "--input", "-i", metavar="JSON|FILE.npy", help='A JSON array, a JSON object {"name": array}, or a .npy file.'
+            "--input",
+            "-i",
+            metavar="JSON|FILE.npy",
+            help='A JSON array, a JSON object {"name": array}, or a .npy file.',
         ),
     ],
     input_name: Annotated[str, typer.Option(help="The input's name, for an array or .npy file.")] = "x",
@@ -190,7 +197,9 @@ def predict(
     inputs = _read_inputs(input_, input_name, dtype)
     with state(ctx).connect(broker) as connection, Client(connection, model) as client:
         try:
-            reply = client.submit(inputs, timeout_s=timeout_s, priority=priority, model_version=version).result()
+            reply = client.submit(
+                inputs, timeout_s=timeout_s, priority=priority, model_version=version
+            ).result()
         except (InferenceError, QueueFull) as exc:
             raise fail(str(exc)) from exc
         except ValueError as exc:
