@@ -184,3 +184,18 @@ def test_async_client_is_the_same_client(broker: Broker, registry: ModelRegistry
             stop.set()
             thread.join()
     assert [o["output"][0, 0] for o in outputs] == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_loaded_versions_are_a_bounded_lru(registry: ModelRegistry) -> None:
+    from infeed.inference.models import LoadedModels
+
+    for version in (2, 3):
+        publish_probe(registry, "m", version, float(version))
+    models = LoadedModels(registry, "m", max_loaded=2)
+    assert models.current == 3 and models.loaded() == [3]
+    assert models.get(1)[0] == 1 and models.get(2)[0] == 2
+    assert models.loaded() == [3, 2]  # 1 evicted (least recently used); the current one stays
+    assert models.get(None)[0] == 3
+    single = LoadedModels(registry, "m", max_loaded=1)
+    assert single.get(1)[0] == 1 and single.loaded() == [3, 1]  # the pin runs; current kept
+    assert single.get(2)[0] == 2 and single.loaded() == [3, 2]

@@ -98,8 +98,12 @@ class LoadedModels:
         self._models[version] = model
         self._models.move_to_end(version)
         while len(self._models) > self.max_loaded:
-            oldest = next(v for v in self._models if v != self.current and v != version)
-            del self._models[oldest]
+            # Least recently used first; the current version and the one just used stay, even
+            # when that holds one more than max_loaded for a while.
+            evictable = [v for v in self._models if v not in (self.current, version)]
+            if not evictable:
+                break
+            del self._models[evictable[0]]
 
 
 class VersionFollower:
@@ -150,8 +154,8 @@ class VersionFollower:
             return
         try:
             model = self.models.registry.load(name, version)
-        except (LookupError, ValueError, OSError) as exc:
-            _log.error("cannot load announced version %s of %s: %s", version, name, exc)
+        except Exception as exc:  # a bad version must not stop the follower: the old one serves on
+            _log.error("cannot load announced version %s of %s: %r", version, name, exc)
             return
         self._seen.add(version)
         self.models.offer(version, model)

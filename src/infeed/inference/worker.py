@@ -171,6 +171,10 @@ class Worker:
                 for p in group:
                     self._error(out, p, ErrorCode.MODEL_NOT_FOUND, str(exc))
                 continue
+            except Exception as exc:  # the pinned version exists but does not load
+                for p in group:
+                    self._error(out, p, ErrorCode.MODEL_ERROR, f"version {pin} does not load: {exc!r}")
+                continue
             self._compute(version, module, group, out)
         self._settle(out)
         answered = len(out.ack) + len(out.dead)
@@ -301,9 +305,11 @@ class Worker:
         if self._follower is not None:
             self._follower.close()
             self._follower = None
-        held = self.batcher.take_held()
-        for p in held:
-            self._consumers[p.delivery.topic].nack(p.delivery, requeue=True)
+        for p in self.batcher.take_held():
+            try:
+                self._consumers[p.delivery.topic].nack(p.delivery, requeue=True)
+            except LeaseLostError:  # already another worker's: nothing to give back
+                pass
         for consumer in self._consumers.values():
             consumer.close()
         self._consumers.clear()
