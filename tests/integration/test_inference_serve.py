@@ -29,6 +29,7 @@ import pytest
 
 from infeed.brokers import Broker, connect
 from infeed.brokers.base import DLQ_HEADER_REASON, Message, dead_letter_topic
+from infeed.errors import InferenceError
 from infeed.inference import (
     Client,
     ClientConfig,
@@ -36,6 +37,7 @@ from infeed.inference import (
     ModelRegistry,
     Reply,
     Request,
+    Worker,
     announce,
     decode_reply,
     encode_request,
@@ -266,3 +268,28 @@ def test_version_swap_under_load(url: str, name: str, tmp_path: Path, servers: l
     for i, reply in enumerate(replies):
         scale = 2.0 if reply.model_version == 1 else 3.0
         np.testing.assert_array_equal(reply.outputs["output"], np.full((1, 4), scale * i, np.float32))
+
+
+@pytest.mark.timeout(300)
+def test_worker_and_client_on_kafka(name: str, tmp_path: Path) -> None:
+    """In one process (a Kafka group join costs seconds per consumer): batches, versions, poison."""
+    url = f"{broker_url('kafka')}?ack_timeout_s={ACK_TIMEOUT_S}"
+    registry = ModelRegistry(tmp_path / "models")
+    publish_probe(registry, name, 1, 2.0)
+    stop = threading.Event()
+    config = ClientConfig(timeout_s=120.0, max_queue_depth=10_000, depth_cache_s=0.1)
+    with connect(url) as broker, Worker(broker, registry, name) as worker:
+        thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_s": 0.1})
+        thread.start()
+        try:
+            with Client(broker, name, config=config) as client:
+                futures = [client.submit(np.full((1, 4), i, np.float32)) for i in range(50)]
+                poison = client.submit(np.full((1, 4), POISON, np.float32))
+                for i, future in enumerate(futures):
+                    reply = future.result(timeout=120)
+                    assert reply.model_version == 1 and reply.outputs["output"][0, 0] == 2.0 * i
+                with pytest.raises(InferenceError, match="poison input"):
+                    poison.result(timeout=120)
+        finally:
+            stop.set()
+            thread.join()
