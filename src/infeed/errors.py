@@ -20,7 +20,9 @@ No error is ever turned into "no message".
     │   ├── EncodeError
     │   └── DecodeError
     │       └── SchemaError         decoded fine, but does not match the Schema
-    └── QueueFull                   backpressure: the queue is above its configured depth
+    ├── QueueFull                   backpressure: the queue is above its configured depth
+    └── InferenceError              an inference request was answered with an error
+        └── DeadlineExceededError   ... because its deadline passed (also a TimeoutError)
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "ConsumerClosedError",
+    "DeadlineExceededError",
     "DecodeError",
     "EncodeError",
+    "InferenceError",
     "InfeedError",
     "LeaseLostError",
     "PayloadTooLargeError",
@@ -119,3 +123,25 @@ class QueueFull(InfeedError):
         super().__init__(message)
         #: A hint for how long to wait before retrying.
         self.retry_after_s = retry_after_s
+
+
+class InferenceError(InfeedError):
+    """An inference request was answered with an error (or had no answer in time).
+
+    Attributes:
+        code: the reply's error code (``DEADLINE_EXCEEDED``, ``INVALID_INPUT``, ``MODEL_ERROR``, ...).
+        request_id: the request's id.
+        model_version: the version that failed it, when one was reached.
+    """
+
+    def __init__(
+        self, message: str, *, code: str, request_id: str = "", model_version: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+        self.model_version = model_version
+
+
+class DeadlineExceededError(InferenceError, TimeoutError):
+    """The request's deadline passed before it was computed, or before its reply came."""

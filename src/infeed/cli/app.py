@@ -56,6 +56,8 @@ app.command("consume")(consume.consume)
 app.command("demo")(demo.demo)
 app.command("bridge")(importlib.import_module("infeed.cli.bridge").bridge)
 app.command("train")(importlib.import_module("infeed.cli.train").train)
+app.command("serve")(importlib.import_module("infeed.cli.serve").serve)
+app.command("predict")(importlib.import_module("infeed.cli.serve").predict)
 app.add_typer(importlib.import_module("infeed.cli.datasets").app, name="datasets")
 
 

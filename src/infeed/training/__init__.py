@@ -7,10 +7,10 @@ checkpoints (``CheckpointStore``), the ``ModelRegistry`` that carries versions t
 
 from __future__ import annotations
 
+from infeed.inference.registry import DEFAULT_EVENTS_TOPIC, ModelRegistry, ModelVersion, announce
 from infeed.training.checkpoint import Checkpoint, CheckpointStore
 from infeed.training.dataset import QueueDataset
 from infeed.training.metrics import TrainingMetrics
-from infeed.training.registry import DEFAULT_EVENTS_TOPIC, ModelRegistry, ModelVersion, announce
 from infeed.training.trainer import StepInfo, Trainer, TrainResult
 
 __all__ = [

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from infeed._files import fsync_dir, write_durable
+
 __all__ = [
     "DEFAULT_KEEP",
     "FileSource",
@@ -52,29 +54,12 @@ FileSource = bytes | Callable[[Path], object]
 PhaseHook = Callable[[str], None]
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (not its folder)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _replace_durable(path: Path, data: bytes) -> None:

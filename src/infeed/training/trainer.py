@@ -33,11 +33,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_model, save_model
 from safetensors.torch import save as st_save
 
+from infeed.inference.registry import DEFAULT_EVENTS_TOPIC, ModelRegistry, announce
 from infeed.training._optim import optimizer_from_files, optimizer_to_files
 from infeed.training.checkpoint import DEFAULT_KEEP, Checkpoint, CheckpointStore, FileSource
 from infeed.training.dataset import QueueDataset
 from infeed.training.metrics import TrainingMetrics
-from infeed.training.registry import DEFAULT_EVENTS_TOPIC, ModelRegistry, announce
 from infeed.training.state import decode_state, encode_state
 
 __all__ = ["DEFAULT_LAG_EVERY_S", "TRAINER_FORMAT", "StepInfo", "TrainResult", "Trainer"]

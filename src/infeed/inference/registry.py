@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from infeed._files import fsync_dir, write_durable
 from infeed.brokers import Broker
 from infeed.codecs import JsonCodec
 from infeed.streams import Producer
-from infeed.training.checkpoint import fsync_dir, write_durable
 
 __all__ = [
     "CONFIG_FILE",

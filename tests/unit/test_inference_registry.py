@@ -10,7 +10,7 @@ import torch
 from infeed.brokers.memory import MemoryBroker
 from infeed.codecs import default_registry
 from infeed.codecs.message import decode_message
-from infeed.training import ModelRegistry, announce
+from infeed.inference import ModelRegistry, announce
 from infeed.training.models import mlp
 
 FACTORY = "infeed.training.models:mlp"
@@ -70,3 +70,12 @@ def test_announce_publishes_a_json_event(tmp_path: Path) -> None:
     assert delivery.headers["x-infeed-codec"] == "json"
     record = decode_message(delivery.payload, delivery.headers, default_registry()).record(0)
     assert record["model"] == "m" and int(record["version"]) == 7 and record["path"] == str(version.path)
+
+
+def test_training_re_exports_the_registry() -> None:
+    import infeed.inference as inference
+    import infeed.training as training
+
+    assert training.ModelRegistry is inference.ModelRegistry
+    assert training.announce is inference.announce
+    assert training.DEFAULT_EVENTS_TOPIC == inference.DEFAULT_EVENTS_TOPIC
