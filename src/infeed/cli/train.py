@@ -91,8 +91,8 @@ def train(
     import torch
 
     from infeed.codecs import Schema
-    from infeed.training import ModelRegistry, QueueDataset, Trainer, TrainingMetrics
     from infeed.inference.registry import resolve_factory
+    from infeed.training import ModelRegistry, QueueDataset, Trainer, TrainingMetrics
 
     try:
         kwargs = json.loads(model_kwargs)
