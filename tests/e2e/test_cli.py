@@ -339,20 +339,8 @@ def test_demo_trains_online_and_serves_every_version(tmp_path: Path) -> None:
 
 
 def test_demo_stops_its_workers_on_ctrl_c(tmp_path: Path) -> None:
-    env = {k: v for k, v in child_env().items() if not k.startswith("INFEED_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "infeed", "demo", "--quick", "--steps", "100000"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _demo_until_serving(tmp_path)
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # serving has begun: both workers are up
-            if "answering requests" in line:
-                break
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=60)
     finally:
@@ -363,12 +351,50 @@ def test_demo_stops_its_workers_on_ctrl_c(tmp_path: Path) -> None:
     assert "interrupted" in rest
     logs = sorted((tmp_path / ".infeed" / "demo" / "logs").glob("worker-*.log"))
     assert len(logs) == 2
-    for log in logs:
-        text = log.read_text()
-        pid = int(text.split("worker pid ", 1)[1].split()[0])
-        assert "answered" in text  # it left its loop and closed its worker
+    for log, pid in zip(logs, _worker_pids(tmp_path), strict=True):
+        assert "answered" in log.read_text()  # it left its loop and closed its worker
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _demo_until_serving(tmp_path: Path) -> subprocess.Popen[str]:
+    """Start a long ``infeed demo`` and return once both workers answer requests."""
+    env = {k: v for k, v in child_env().items() if not k.startswith("INFEED_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infeed", "demo", "--quick", "--steps", "100000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "answering requests" in line:
+            break
+    return proc
+
+
+def _worker_pids(tmp_path: Path) -> list[int]:
+    logs = sorted((tmp_path / ".infeed" / "demo" / "logs").glob("worker-*.log"))
+    return [int(log.read_text().split("worker pid ", 1)[1].split()[0]) for log in logs]
+
+
+def test_demo_stops_everything_when_a_worker_dies(tmp_path: Path) -> None:
+    proc = _demo_until_serving(tmp_path)
+    try:
+        pids = _worker_pids(tmp_path)
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, rest
+    assert "the demo failed: worker 0 exited with status -9" in rest
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[1], 0)
 
 
 def test_demo_round_trips_the_digits(tmp_path: Path) -> None:

@@ -98,3 +98,35 @@ def test_cli_rejects_bad_sizes_and_lists_the_command(tmp_path: Path) -> None:
         infer.run(backends=["memory"], sizes=(1,), out_dir=tmp_path)
     outcome = CliRunner().invoke(app, ["--help"])
     assert outcome.exit_code == 0 and "infer" in outcome.output
+
+
+def test_raw_sqlite_echo_runs_the_model_on_the_request_bytes(tmp_path: Path) -> None:
+    import threading
+
+    import numpy as np
+    import torch
+
+    from infeed.bench._echo import raw_echo
+    from infeed.bench._infer_serve import mlp_handler
+    from infeed.training.models import mlp_784
+
+    path = str(tmp_path / "echo.db")
+    responder, requester = raw_echo("sqlite", path, "c"), raw_echo("sqlite", path, "c")
+    stop = threading.Event()
+    thread = threading.Thread(target=responder.serve, args=(mlp_handler(), stop))
+    thread.start()
+    try:
+        x = np.random.default_rng(1).random((1, 784), dtype=np.float32)
+        outputs = [np.frombuffer(requester.request(x.tobytes(), 10.0), dtype=np.float32) for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join()
+        responder.close()
+        requester.close()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        expected = mlp_784().eval()(torch.from_numpy(x)).numpy()[0]
+    for out in outputs:
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="no raw round trip"):
+        raw_echo("nats", "nats://x", "c")

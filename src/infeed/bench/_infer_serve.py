@@ -60,7 +60,8 @@ def mlp_handler() -> Callable[[bytes], bytes]:
     model = mlp_784().eval()
 
     def handle(payload: bytes) -> bytes:
-        x = torch.from_numpy(np.frombuffer(payload, dtype=np.float32).reshape(1, 784))
+        # A copy, as the worker's batch stacking makes one: torch wants a writable buffer.
+        x = torch.from_numpy(np.frombuffer(payload, dtype=np.float32).reshape(1, 784).copy())
         with torch.inference_mode():
             out: bytes = model(x).numpy().tobytes()
             return out
