@@ -363,7 +363,7 @@ def run(url: str, work: Path, config: DemoConfig, stats: DemoStats, tick: Callab
         KeyboardInterrupt: Ctrl-C (everything was stopped before it propagates).
     """
     from infeed.brokers import connect
-    from infeed.inference import Client, ClientConfig, ModelRegistry
+    from infeed.inference import Client, ClientConfig, ModelRegistry, request_topic
     from infeed.types import Capability
 
     broker = connect(url)
@@ -376,6 +376,10 @@ def run(url: str, work: Path, config: DemoConfig, stats: DemoStats, tick: Callab
             raise DemoError(f"the demo's workers are processes: {url} cannot be shared between processes")
         r = _Run(broker, url, work, config, stats)
         stats.target_samples = config.steps * config.batch_size
+        existing = broker.list_topics()
+        for topic in (TRAIN_TOPIC, request_topic(DEMO_MODEL, 0)):  # a broker other than the fresh file
+            if topic in existing:
+                broker.delete_topic(topic)
         broker.create_topic(TRAIN_TOPIC, partitions=1)
         registry = ModelRegistry(work / "models")
         r.make_trainer(registry)
