@@ -29,6 +29,8 @@ __all__ = ["ENGINES", "RawEcho", "raw_echo"]
 ENGINES = ("sqlite", "redis", "kafka")
 
 _POLL_MIN_S = 0.001
+#: Seconds a new Kafka topic may take to get a partition leader.
+_SETUP_S = 30.0
 _POLL_MAX_S = 0.02
 
 Handler = Callable[[bytes], bytes]
@@ -155,8 +157,7 @@ class _KafkaEcho(RawEcho):
                 {"bootstrap.servers": servers, "group.id": f"{topic}.raw", "enable.auto.commit": False}
             )
             # A concrete offset, not OFFSET_END (resolved lazily): nothing sent from now on is missed.
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=30)
-            consumer.assign([TopicPartition(topic, 0, high)])
+            consumer.assign([TopicPartition(topic, 0, _high_watermark(consumer, topic))])
             self.consumers[topic] = consumer
 
     def _next(self, topic: str, timeout_s: float) -> bytes | None:
@@ -189,6 +190,21 @@ class _KafkaEcho(RawEcho):
         for consumer in self.consumers.values():
             consumer.close()
         self.producer.flush(1)
+
+
+def _high_watermark(consumer: Any, topic: str) -> int:
+    """Partition 0's high watermark, retried while a new topic has no leader yet."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    deadline = time.monotonic() + _SETUP_S
+    while True:
+        try:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+            return int(high)
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def raw_echo(engine: str, url: str, name: str) -> RawEcho:

@@ -77,8 +77,12 @@ def print_tables(data: dict[str, Any], console: Console) -> None:
     )
 
 
-def draw(data: dict[str, Any], out_dir: Path) -> None:
-    """Write ``infer.png`` (figure 4's speedups) and ``infer_latency.png`` (figure 5's added latency)."""
+def draw(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``infer.png`` (figure 4's speedups) and ``infer_latency.png`` (figure 5's added latency).
+
+    Returns:
+        The files written (no ``infer_latency.png`` when no backend had a raw baseline).
+    """
     backends = list(data["results"])
     sizes = sorted(
         {s for r in data["results"].values() for s in r["throughput"]["speedup_vs_batch1"]}, key=int
@@ -92,30 +96,37 @@ def draw(data: dict[str, Any], out_dir: Path) -> None:
         ]
         for size in sizes
     }
-    harness.plot_grouped_bars(
-        out_dir / "infer.png",
-        backends,
-        series,
-        title="req-784 requests/s with dynamic batching ÷ max_batch_size=1",
-        ylabel="speedup",
-        target=TARGETS["batching_speedup"],
-    )
+    written = [
+        harness.plot_grouped_bars(
+            out_dir / "infer.png",
+            backends,
+            series,
+            title="req-784 requests/s with dynamic batching ÷ max_batch_size=1",
+            ylabel="speedup",
+            target=TARGETS["batching_speedup"],
+        )
+    ]
+    with_raw = [b for b in backends if data["results"][b]["latency"]["raw"]]  # an overhead needs a baseline
     variants = sorted({v for r in data["results"].values() for v in r["latency"]["variants"] if v != "raw"})
     lat_series = {
         f"{variant} {q}": [
             harness.Bar(a["median"], a["min"], a["max"])
             if (a := data["results"][b]["latency"]["variants"].get(variant, {}).get(f"{q}_added"))
             else None
-            for b in backends
+            for b in with_raw
         ]
         for variant in variants
         for q in ("p50", "p99")
     }
-    harness.plot_grouped_bars(
-        out_dir / "infer_latency.png",
-        backends,
-        lat_series,
-        title="request-reply latency added by infeed over the raw client (ms)",
-        ylabel="ms added",
-        target=TARGETS["latency_overhead_p50_ms"],
-    )
+    if with_raw:
+        written.append(
+            harness.plot_grouped_bars(
+                out_dir / "infer_latency.png",
+                with_raw,
+                lat_series,
+                title="request-reply latency added by infeed over the raw client (ms)",
+                ylabel="ms added",
+                target=TARGETS["latency_overhead_p50_ms"],
+            )
+        )
+    return written

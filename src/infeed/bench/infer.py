@@ -401,13 +401,8 @@ def run(
     }
     harness.write_json(out_dir / "infer.json", data)
     print_tables(data, console)
-    if plot and results:
-        draw(data, out_dir)
-        console.print(
-            f"wrote {out_dir / 'infer.json'}, {out_dir / 'infer.png'} and {out_dir / 'infer_latency.png'}"
-        )
-    else:
-        console.print(f"wrote {out_dir / 'infer.json'}")
+    pngs = draw(data, out_dir) if plot and results else []
+    console.print("wrote " + ", ".join(str(p) for p in [out_dir / "infer.json", *pngs]))
     return data
 
 
