@@ -62,7 +62,8 @@ def test_one_model_call_per_batch_and_replies_name_the_version(
         replies = [f.result(timeout=10) for f in futures]
         assert [r.model_version for r in replies] == [1] * 5
         np.testing.assert_array_equal(replies[3].outputs["output"], X * 3 * 2.0)
-        assert read_log(tmp_path / "calls.jsonl") == [{"rows": 5, "late": 0, "pid": read_log(tmp_path / "calls.jsonl")[0]["pid"]}]
+        calls = read_log(tmp_path / "calls.jsonl")
+        assert calls == [{"rows": 5, "late": 0, "pid": calls[0]["pid"]}]
         metrics = generate_latest(worker.middleware[0].registry).decode()  # type: ignore[attr-defined]
         assert 'infeed_inference_requests_total{outcome="ok"} 5.0' in metrics
 
@@ -139,7 +140,8 @@ def test_duplicate_replies_are_dropped(broker: Broker, registry: ModelRegistry) 
         future = client.submit(X)
         worker.run_once(timeout_s=5.0)
         reply = future.result(timeout=10)
-        broker.publish(client.reply_topic, encode_reply(Reply(request_id=reply.request_id, model="m", model_version=1, outputs=reply.outputs)))
+        again = Reply(request_id=reply.request_id, model="m", model_version=1, outputs=reply.outputs)
+        broker.publish(client.reply_topic, encode_reply(again))
         second = client.submit(X)
         worker.run_once(timeout_s=5.0)
         second.result(timeout=10)
