@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from infeed.cli.demo import RoundTripCheck, _load_digits
+from infeed.cli._digits import load_digits
+from infeed.cli._roundtrip import RoundTripCheck
 from infeed.codecs import RecordBatch
 from tests.support import child_env
 
@@ -21,7 +24,7 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def run_infeed(
-    *args: str, cwd: Path, stdin: str = "", env: dict[str, str] | None = None
+    *args: str, cwd: Path, stdin: str = "", env: dict[str, str] | None = None, timeout_s: float = 90
 ) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in child_env().items() if not k.startswith("INFEED_")}
     full_env["COLUMNS"] = "200"  # rich tables stay on one line per row
@@ -33,7 +36,7 @@ def run_infeed(
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=timeout_s,
         check=False,
     )
 
@@ -309,9 +312,94 @@ def test_consume_no_ack_leaves_the_messages_to_the_group(ten: Cli) -> None:
 # -- demo and bench ------------------------------------------------------------------------------
 
 
+def test_demo_trains_online_and_serves_every_version(tmp_path: Path) -> None:
+    result = ok(run_infeed("demo", "--quick", cwd=tmp_path, timeout_s=240))
+    summary = json.loads((tmp_path / ".infeed" / "demo" / "summary.json").read_text())
+    requests = summary["requests"]
+    # every request answered exactly once: no error, no timeout, no second reply
+    assert requests["sent"] > 0
+    assert requests["answered"] == requests["sent"]
+    assert requests["errors"] == requests["timeouts"] == requests["duplicate_replies"] == 0
+    assert "every request answered once" in result.stdout
+    versions = summary["versions"]
+    assert [v["version"] for v in versions] == [0, 15, 30, 45, 60]
+    assert sum(v["requests"] for v in versions) == summary["steady"]["requests"]
+    last = versions[-1]
+    assert last["requests"] > 0 and last["accuracy"] > 0.3  # chance is 0.1
+    assert versions[0]["requests"] == 0 or versions[0]["accuracy"] < last["accuracy"]
+    final = summary["final"]
+    assert final["version"] == 60 and final["requests"] == 200
+    assert final["correct"] / final["requests"] > 0.5
+    assert summary["steps"] == 60 and summary["produced"] == 60 * 64
+    # both workers served, and left cleanly when asked
+    assert len(summary["workers"]) == 2 and all(w["exit"] == 0 for w in summary["workers"])
+    png = tmp_path / ".infeed" / "demo" / "demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot: .infeed/demo/demo.png" in result.stdout
+
+
+def test_demo_stops_its_workers_on_ctrl_c(tmp_path: Path) -> None:
+    proc = _demo_until_serving(tmp_path)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest
+    assert "interrupted" in rest
+    logs = sorted((tmp_path / ".infeed" / "demo" / "logs").glob("worker-*.log"))
+    assert len(logs) == 2
+    for log, pid in zip(logs, _worker_pids(tmp_path), strict=True):
+        assert "answered" in log.read_text()  # it left its loop and closed its worker
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _demo_until_serving(tmp_path: Path) -> subprocess.Popen[str]:
+    """Start a long ``infeed demo`` and return once both workers answer requests."""
+    env = {k: v for k, v in child_env().items() if not k.startswith("INFEED_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infeed", "demo", "--quick", "--steps", "100000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "answering requests" in line:
+            break
+    return proc
+
+
+def _worker_pids(tmp_path: Path) -> list[int]:
+    logs = sorted((tmp_path / ".infeed" / "demo" / "logs").glob("worker-*.log"))
+    return [int(log.read_text().split("worker pid ", 1)[1].split()[0]) for log in logs]
+
+
+def test_demo_stops_everything_when_a_worker_dies(tmp_path: Path) -> None:
+    proc = _demo_until_serving(tmp_path)
+    try:
+        pids = _worker_pids(tmp_path)
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, rest
+    assert "the demo failed: worker 0 exited with status -9" in rest
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[1], 0)
+
+
 def test_demo_round_trips_the_digits(tmp_path: Path) -> None:
     for _ in range(2):  # a second run starts from a fresh topic
-        result = ok(run_infeed("demo", cwd=tmp_path))
+        result = ok(run_infeed("demo", "--round-trip", cwd=tmp_path))
         assert "1,797 (64 float64 features + int64 label)" in result.stdout
         assert "29 sent, 29 received" in result.stdout
         assert "OK: every sample exactly once, bit-identical" in result.stdout
@@ -327,10 +415,10 @@ def test_demo_round_trips_the_digits(tmp_path: Path) -> None:
 
 
 def test_demo_reads_the_same_digits_as_load_digits() -> None:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits as sklearn_load_digits
 
-    x, y = _load_digits()
-    digits = load_digits()
+    x, y = load_digits()
+    digits = sklearn_load_digits()
     assert x.dtype == np.float64 and y.dtype == np.int64 and x.shape == (1797, 64)
     np.testing.assert_array_equal(x, digits.data)
     np.testing.assert_array_equal(y, digits.target)

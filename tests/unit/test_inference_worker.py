@@ -62,9 +62,8 @@ def test_one_model_call_per_batch_and_replies_name_the_version(
         replies = [f.result(timeout=10) for f in futures]
         assert [r.model_version for r in replies] == [1] * 5
         np.testing.assert_array_equal(replies[3].outputs["output"], X * 3 * 2.0)
-        assert read_log(tmp_path / "calls.jsonl") == [
-            {"rows": 5, "late": 0, "pid": read_log(tmp_path / "calls.jsonl")[0]["pid"]}
-        ]
+        calls = read_log(tmp_path / "calls.jsonl")
+        assert calls == [{"rows": 5, "late": 0, "pid": calls[0]["pid"]}]
         metrics = generate_latest(worker.middleware[0].registry).decode()  # type: ignore[attr-defined]
         assert 'infeed_inference_requests_total{outcome="ok"} 5.0' in metrics
 
@@ -141,12 +140,8 @@ def test_duplicate_replies_are_dropped(broker: Broker, registry: ModelRegistry) 
         future = client.submit(X)
         worker.run_once(timeout_s=5.0)
         reply = future.result(timeout=10)
-        broker.publish(
-            client.reply_topic,
-            encode_reply(
-                Reply(request_id=reply.request_id, model="m", model_version=1, outputs=reply.outputs)
-            ),
-        )
+        again = Reply(request_id=reply.request_id, model="m", model_version=1, outputs=reply.outputs)
+        broker.publish(client.reply_topic, encode_reply(again))
         second = client.submit(X)
         worker.run_once(timeout_s=5.0)
         second.result(timeout=10)
@@ -184,18 +179,3 @@ def test_async_client_is_the_same_client(broker: Broker, registry: ModelRegistry
             stop.set()
             thread.join()
     assert [o["output"][0, 0] for o in outputs] == [0.0, 2.0, 4.0, 6.0]
-
-
-def test_loaded_versions_are_a_bounded_lru(registry: ModelRegistry) -> None:
-    from infeed.inference.models import LoadedModels
-
-    for version in (2, 3):
-        publish_probe(registry, "m", version, float(version))
-    models = LoadedModels(registry, "m", max_loaded=2)
-    assert models.current == 3 and models.loaded() == [3]
-    assert models.get(1)[0] == 1 and models.get(2)[0] == 2
-    assert models.loaded() == [3, 2]  # 1 evicted (least recently used); the current one stays
-    assert models.get(None)[0] == 3
-    single = LoadedModels(registry, "m", max_loaded=1)
-    assert single.get(1)[0] == 1 and single.loaded() == [3, 1]  # the pin runs; current kept
-    assert single.get(2)[0] == 2 and single.loaded() == [3, 2]

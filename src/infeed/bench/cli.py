@@ -1,4 +1,4 @@
-"""``infeed bench``: a typer app (``brokers``, ``all``) that the main CLI mounts as ``bench``.
+"""``infeed bench``: a typer app (``brokers``, ``train-feed``, ``infer``, ``all``) mounted as ``bench``.
 
 Run it alone with ``python -m infeed.bench.cli brokers``.
 """
@@ -69,6 +69,7 @@ def brokers(
 
 
 app.command("train-feed")(__import__("infeed.bench.train_feed", fromlist=["cli"]).cli)
+app.command("infer")(__import__("infeed.bench.infer", fromlist=["cli"]).cli)
 
 
 @app.command("all")

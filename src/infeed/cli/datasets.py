@@ -55,11 +55,11 @@ def produce(
     """Write a dataset into a topic as record batches (and print how to train on it)."""
     import numpy as np
 
-    from infeed.cli.demo import _load_digits
+    from infeed.cli._digits import load_digits
     from infeed.codecs import RecordBatch, Schema
     from infeed.streams import Producer
 
-    x, y = _load_digits()
+    x, y = load_digits()
     n = len(x)
     batch = RecordBatch(
         {"x": (x / 16.0).astype(np.float32), "y": y.astype(np.int64), "id": np.arange(n, dtype=np.int64)}

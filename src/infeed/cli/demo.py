@@ -1,274 +1,215 @@
-"""``infeed demo``: a produce -> consume round trip of a real dataset on the embedded broker.
+"""``infeed demo``: train online from a stream and serve the versions hot-reloaded, on the embedded broker.
 
-scikit-learn's bundled digits (1,797 8x8 images as 64 float64 features and an int64 label; they ship
-inside the package, nothing is downloaded) go into a fresh topic as record batches, come back
-through a consumer group that acks and commits, and are checked to be every sample exactly once
-and bit-identical.
+scikit-learn's bundled digits (1,797 8x8 images; they ship inside the package, nothing is
+downloaded) are split: a held-out set for evaluation, the rest streamed into a topic as record
+batches. The ``Trainer`` learns from the stream and publishes a model version every few steps;
+two inference worker processes load each version as it is announced and swap it in between
+batches; a client sends held-out samples at a steady rate. A live table shows accuracy per model
+version (every reply names the version that computed it), requests/s, p50/p99 latency, the
+training step and loss. At the end the whole held-out set goes to the last version at once, and a
+summary, ``summary.json`` and a plot are written under ``.infeed/demo/``.
+
+``infeed demo --round-trip`` instead round-trips the digits through a topic and checks that every
+sample came back exactly once, bit for bit.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from infeed.cli._shared import (
-    BrokerOption,
-    err,
-    fail,
-    human_bytes,
-    out,
-    plural,
-    rate,
-    records_progress,
-    state,
-)
+from infeed.cli._shared import BrokerOption, err, fail, out, state
 
 if TYPE_CHECKING:
-    import numpy as np
+    from rich.console import Console
 
-    from infeed.brokers import Broker
-    from infeed.codecs import RecordBatch
+    from infeed.cli._demo_view import DemoStats
 
-__all__ = [
-    "DEFAULT_RECORDS_PER_MESSAGE",
-    "DEMO_BROKER_URL",
-    "DEMO_GROUP",
-    "DEMO_TOPIC",
-    "RoundTripCheck",
-    "demo",
-]
+__all__ = ["DEMO_BROKER_URL", "DEMO_DIR", "demo"]
 
-#: Where the demo writes unless --broker names another broker.
+#: Where the demo writes unless --broker names another broker (deleted and made afresh each run).
 DEMO_BROKER_URL = "sqlite:///./.infeed/demo.db"
-#: The demo's topic, deleted and created afresh on every run.
-DEMO_TOPIC = "demo.digits"
-#: The consumer group that reads the samples back.
-DEMO_GROUP = "demo"
-#: Records per message: record batches are how training data should travel.
-DEFAULT_RECORDS_PER_MESSAGE = 64
-#: Give up when nothing arrives for this long (every message is already in the topic).
-_IDLE_S = 5.0
+#: The demo's files: model registry, checkpoints, worker logs, summary.json, demo.png.
+DEMO_DIR = Path(".infeed/demo")
+#: Redraws of the live view per second, at most.
+_REDRAWS_PER_S = 4.0
 
 
 def demo(
     ctx: typer.Context,
-    records_per_message: Annotated[int, typer.Option(min=1, help="Samples per message.")] = (
-        DEFAULT_RECORDS_PER_MESSAGE
-    ),
-    partitions: Annotated[int, typer.Option(min=1, help="Partitions of the demo topic.")] = 1,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller, faster run.")] = False,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps of 64 samples.")] = None,
+    rate: Annotated[float | None, typer.Option(min=1.0, help="Steady requests per second.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Inference worker processes.")] = 2,
+    round_trip: Annotated[
+        bool, typer.Option("--round-trip", help="Only round-trip the digits through a topic and check them.")
+    ] = False,
+    records_per_message: Annotated[int, typer.Option(min=1, help="Samples per message (--round-trip).")] = 64,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of the topic (--round-trip).")] = 1,
     broker: BrokerOption = None,
 ) -> None:
-    """Round-trip scikit-learn's digits through a topic and check every sample came back intact.
+    """Train on a stream of digits and serve each new model version live; print and plot the outcome.
 
-    Writes to sqlite:///./.infeed/demo.db unless --broker is given (INFEED_BROKER and infeed.toml
-    are not used, so the demo never writes into a configured broker). Needs the demo extra:
-    pip install 'infeed[demo]'.
+    Writes to sqlite:///./.infeed/demo.db (a fresh file each run) unless --broker is given
+    (INFEED_BROKER and infeed.toml are not used, so the demo never writes into a configured
+    broker). Needs the demo extra: pip install 'infeed[demo]'.
     """
-    from infeed.brokers import connect
-
-    x, y = _load_digits()
     url = broker or state(ctx).broker or DEMO_BROKER_URL
-    with connect(url) as b:
-        if DEMO_TOPIC in b.list_topics():
-            b.delete_topic(DEMO_TOPIC)
-        b.create_topic(DEMO_TOPIC, partitions=partitions)
-        sent = _produce(b, x, y, records_per_message)
-        check = RoundTripCheck(x, y)
-        got = _consume(b, check)
-    _summary(url, partitions, x, y, records_per_message, sent, got, check)
-    problems = check.problems()
-    if problems:
-        raise fail("verification failed: " + "; ".join(problems))
+    if round_trip:
+        from infeed.cli._roundtrip import round_trip as run_round_trip
 
+        run_round_trip(url, records_per_message=records_per_message, partitions=partitions)
+        return
+    from dataclasses import replace
 
-@dataclass
-class _Leg:
-    messages: int = 0
-    nbytes: int = 0
-    seconds: float = 0.0
+    from infeed.cli._demo_run import DemoConfig, DemoError, fresh_sqlite, run
+    from infeed.cli._demo_view import DemoStats, plot
 
-
-def _load_digits() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """Return the digits' features (float64) and labels (int64), as ``load_digits()`` gives them."""
-    import importlib.util
-
-    import numpy as np
-
-    from infeed.errors import ConfigError
-
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None:
-        raise ConfigError("the demo needs scikit-learn's bundled digits: pip install 'infeed[demo]'")
-    # load_digits() parses this file (sklearn/datasets/_base.py); reading it ourselves skips the
-    # seconds that importing sklearn (and scipy) takes.
-    for root in spec.submodule_search_locations or ():
-        path = Path(root, "datasets", "data", "digits.csv.gz")
-        if path.is_file():
-            data = np.loadtxt(path, delimiter=",")
-            return np.ascontiguousarray(data[:, :-1]), data[:, -1].astype(np.int64)
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return np.ascontiguousarray(digits.data, dtype=np.float64), np.asarray(digits.target, dtype=np.int64)
-
-
-def _produce(b: Broker, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], per_message: int) -> _Leg:
-    import numpy as np
-
-    from infeed.codecs import RecordBatch
-    from infeed.streams import Producer
-
-    leg = _Leg()
-    n = len(x)
-    batch = RecordBatch({"id": np.arange(n, dtype=np.int64), "x": x, "y": y})
-    producer = Producer(b, DEMO_TOPIC, records_per_message=per_message, messages_per_publish=4)
-    chunk = per_message * 4
-    started = time.monotonic()
-    with records_progress(err()) as progress:
-        task = progress.add_task(f"producing to {DEMO_TOPIC}", total=n)
-        for start in range(0, n, chunk):
-            producer.send_batch(batch.slice(start, start + chunk))
-            producer.flush()
-            progress.update(task, completed=producer.records_sent)
-    leg.seconds = time.monotonic() - started
-    leg.messages = producer.messages_sent
-    depth = b.describe_topic(DEMO_TOPIC).depth
-    if depth != leg.messages:
-        raise fail(f"the topic holds {depth} messages after {leg.messages} were published")
-    return leg
-
-
-def _consume(b: Broker, check: RoundTripCheck) -> _Leg:
-    from infeed.streams import StreamConsumer
-    from infeed.types import Position
-
-    leg = _Leg()
-    n = len(check.x)
-    started = time.monotonic()
-    with (
-        StreamConsumer(b.subscribe(DEMO_TOPIC, group=DEMO_GROUP, start="earliest")) as stream,
-        records_progress(err()) as progress,
-    ):
-        task = progress.add_task(f"consuming in group {DEMO_GROUP}", total=n)
-        idle_since = time.monotonic()
-        while time.monotonic() - idle_since < _IDLE_S:
-            # Once all are in, one more look without waiting: anything extra is a duplicate.
-            received = stream.receive(max_messages=16, timeout_s=0.0 if check.received >= n else 0.5)
-            if not received:
-                if check.received >= n:
-                    break
-                continue
-            idle_since = time.monotonic()
-            for item in received:
-                check.add(item.batch)
-                leg.nbytes += len(item.delivery.payload)
-            stream.ack(received)
-            ends: dict[int, int] = {}
-            for item in received:
-                p = item.delivery.position
-                ends[p.partition] = max(ends.get(p.partition, 0), p.offset + 1)
-            stream.commit([Position(DEMO_TOPIC, p, offset) for p, offset in ends.items()])
-            leg.messages += len(received)
-            progress.update(task, completed=min(check.received, n))
-        check.dead_lettered = stream.dead_lettered
-    leg.seconds = time.monotonic() - started
-    return leg
-
-
-@dataclass
-class RoundTripCheck:
-    """Checks that received batches hold every sample of ``x``/``y`` exactly once, bit for bit.
-
-    Args:
-        x: the features that were sent, row ``i`` for sample id ``i``.
-        y: the labels that were sent.
-    """
-
-    x: np.ndarray[Any, Any]
-    y: np.ndarray[Any, Any]
-    received: int = 0
-    dead_lettered: int = 0
-    counts: np.ndarray[Any, Any] = field(init=False)
-    mismatches: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        import numpy as np
-
-        self.counts = np.zeros(len(self.x), dtype=np.int64)
-
-    def add(self, batch: RecordBatch) -> None:
-        """Count a received batch (fields ``id``, ``x``, ``y``) and compare it with what was sent."""
-        import numpy as np
-
-        self.received += len(batch)
-        cols = batch.columns
-        if set(cols) != {"id", "x", "y"}:
-            self.mismatches.append(f"a batch has fields {sorted(cols)}, not id, x, y")
-            return
-        ids = np.asarray(cols["id"])
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self.x)):
-            self.mismatches.append(f"sample ids out of range: {ids.min()}..{ids.max()}")
-            return
-        np.add.at(self.counts, ids, 1)
-        for name, sent in (("x", self.x), ("y", self.y)):
-            got, want = cols[name], sent[ids]
-            if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
-                self.mismatches.append(
-                    f"field {name} of samples {ids[0]}..{ids[-1]} differs from what was sent"
-                )
-
-    def problems(self) -> list[str]:
-        """Return what is wrong (missing, duplicated or altered samples); empty when all is well."""
-        import numpy as np
-
-        found = list(self.mismatches)
-        missing = int(np.count_nonzero(self.counts == 0))
-        extra = int(np.count_nonzero(self.counts > 1))
-        if missing:
-            found.append(f"{missing} samples never came back")
-        if extra:
-            found.append(f"{extra} samples came back more than once")
-        if self.dead_lettered:
-            found.append(f"{self.dead_lettered} messages were dead-lettered")
-        return found
-
-
-def _summary(
-    url: str,
-    partitions: int,
-    x: np.ndarray[Any, Any],
-    y: np.ndarray[Any, Any],
-    per_message: int,
-    sent: _Leg,
-    got: _Leg,
-    check: RoundTripCheck,
-) -> None:
-    from rich.table import Table
-
-    n = len(x)
-    ok = not check.problems()
-    table = Table(show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("broker", url)
-    table.add_row("topic", f"{DEMO_TOPIC} ({plural(partitions, 'partition')}), group {DEMO_GROUP}")
-    table.add_row("samples", f"{n:,} ({x.shape[1]} {x.dtype} features + {y.dtype} label)")
-    table.add_row(
-        "messages", f"{sent.messages:,} sent, {got.messages:,} received ({per_message} samples each)"
+    config = DemoConfig.quick() if quick else DemoConfig()
+    config = replace(
+        config,
+        workers=workers,
+        steps=steps or config.steps,
+        requests_per_s=rate or config.requests_per_s,
     )
-    table.add_row("bytes", human_bytes(got.nbytes))
-    table.add_row("produce", f"{sent.seconds:.3f} s, {rate(n, sent.seconds)} samples/s")
-    table.add_row("consume", f"{got.seconds:.3f} s, {rate(check.received, got.seconds)} samples/s")
-    verdict = "[green]OK[/]: every sample exactly once, bit-identical" if ok else "[red]FAILED[/]"
-    table.add_row("verified", verdict)
-    console = out()
-    console.print("infeed demo: digits round trip")
-    console.print(table)
-    if ok:
+    if url == DEMO_BROKER_URL:
+        fresh_sqlite(Path(".infeed/demo.db"))
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    DEMO_DIR.mkdir(parents=True)
+    stats = DemoStats()
+    view = _View(err(), stats, f"infeed demo: {url}")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with view:
+            run(url, DEMO_DIR.resolve(), config, stats, view.tick)
+    except KeyboardInterrupt:
+        raise fail("interrupted: the trainer, the client and the workers were stopped", code=130) from None
+    except DemoError as exc:
+        raise fail(f"the demo failed: {exc}") from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    summary = stats.to_json()
+    (DEMO_DIR / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    png = plot(stats, DEMO_DIR / "demo.png")
+    _print_summary(out(), url, summary, stats, png)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+class _View:
+    """The live table on a terminal; elsewhere a line per version and one every few seconds."""
+
+    def __init__(self, console: Console, stats: DemoStats, title: str) -> None:
+        self.console, self.stats, self.title = console, stats, title
+        self.live: Any = None
+        self.drawn = 0.0
+        self.said_at = 0.0
+        self.told: set[tuple[str, int]] = set()
+
+    def __enter__(self) -> _View:
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            from infeed.cli._demo_view import render
+
+            self.live = Live(render(self.stats, self.title), console=self.console, auto_refresh=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.tick(force=True)
+            self.live.__exit__(None, None, None)
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.drawn < 1.0 / _REDRAWS_PER_S:
+            return
+        self.drawn = now
+        if self.live is not None:
+            from infeed.cli._demo_view import render
+
+            self.live.update(render(self.stats, self.title), refresh=True)
+            return
+        self._lines(now)
+
+    def _lines(self, now: float) -> None:
+        s = self.stats
+        with s.lock:
+            events = [("published", v.version, v.step, v.loss) for v in s.versions.values()]
+            events += [("answering", v.version, v.step, v.loss) for v in s.versions.values() if v.requests]
+        for kind, version, step, loss in sorted(events, key=lambda e: (e[1], e[0] != "published")):
+            if (kind, version) in self.told:
+                continue
+            self.told.add((kind, version))
+            if kind == "published":
+                trained = "untrained" if step == 0 else f"step {step}, loss {loss:.3f}"
+                self.console.print(f"version {version} published ({trained})")
+            else:
+                self.console.print(f"version {version} answering requests")
+        if now - self.said_at >= 5.0:
+            self.said_at = now
+            rps, p50, p99 = s.window()
+            lat = (
+                f", p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+                if p50 is not None and p99 is not None
+                else ""
+            )
+            self.console.print(
+                f"[{s.now():5.1f} s] {s.phase}: step {s.step}, {s.sent:,} requests sent, "
+                f"{s.answered:,} answered, {rps:,.0f} req/s{lat}",
+                markup=False,
+                soft_wrap=True,
+            )
+
+
+def _print_summary(console: Console, url: str, summary: dict[str, Any], stats: DemoStats, png: Path) -> None:
+    from infeed.cli._demo_view import render
+
+    console.print(render(stats, f"infeed demo: {url}", overall=True))
+    req = summary["requests"]
+    final = summary["final"]
+    unanswered = req["sent"] - req["answered"]
+    every = unanswered == 0 and req["timeouts"] == 0 and req["duplicate_replies"] == 0
+    console.print(
+        f"requests: {req['sent']:,} sent, {req['answered']:,} answered ({req['errors']} errors), "
+        f"{req['timeouts']} timed out, {req['duplicate_replies']} duplicate replies"
+        + (" - every request answered once" if every else ""),
+        markup=False,
+        soft_wrap=True,
+    )
+    steady = summary["steady"]
+    console.print(
+        f"steady traffic: {steady['requests']:,} requests, "
+        f"p50 {steady['p50_ms']} ms, p99 {steady['p99_ms']} ms",
+        markup=False,
+        soft_wrap=True,
+    )
+    if final["accuracy"] is not None:
         console.print(
-            f"look inside: infeed --broker {url} topics describe {DEMO_TOPIC}", markup=False, soft_wrap=True
+            f"last version {final['version']} on the whole held-out set "
+            f"({final['requests']} requests at once): "
+            f"accuracy {final['accuracy']:.1%}, {final['requests_per_s']:,.0f} req/s, "
+            f"p50 {final['p50_ms']} ms, p99 {final['p99_ms']} ms",
+            markup=False,
+            soft_wrap=True,
         )
+    versions = summary["versions"]
+    console.print(
+        f"{len(versions)} versions published over {summary['steps']} steps "
+        f"({summary['trained']:,} samples, last loss {summary['last_loss'] or math.nan:.3f}) "
+        f"in {summary['seconds']:.1f} s",
+        markup=False,
+        soft_wrap=True,
+    )
+    console.print(f"summary: {DEMO_DIR / 'summary.json'}", markup=False, soft_wrap=True)
+    console.print(f"plot: {png}", markup=False, soft_wrap=True)
