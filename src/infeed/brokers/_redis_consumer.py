@@ -40,6 +40,10 @@ RELEASED_HOLDER = "infeed-released"
 
 _log = logging.getLogger("infeed.brokers.redis")
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+#: Redis times out blocked reads at its server tick (``hz`` 10 by default): the finest BLOCK it honours.
+_BLOCK_RESOLUTION_S = 0.1
+#: Pause between non-blocking reads while a wait shorter than a tick runs out.
+_SHORT_POLL_S = 0.001
 
 
 class _RedisConsumer(Consumer):
@@ -93,6 +97,11 @@ class _RedisConsumer(Consumer):
             remaining = deadline - time.monotonic()
             if out or remaining <= 0:
                 break
+            if remaining < _BLOCK_RESOLUTION_S:
+                # Redis ends a blocked read at its next server tick, so a short BLOCK waits ~0.1 s:
+                # poll instead for waits shorter than a tick (a batcher's window).
+                time.sleep(min(remaining, _SHORT_POLL_S))
+                continue
             # Nothing now: block for new entries, then look again for expired leases.
             out = self._read(order, max_messages, max(1, int(min(remaining, self._b.config.poll_s) * 1000)))
         self._full = max_messages if len(out) >= max_messages else 0

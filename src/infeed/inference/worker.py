@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infeed.brokers.base import Broker, Consumer, Message
-from infeed.errors import EncodeError, LeaseLostError
+from infeed.errors import BrokerError, EncodeError, LeaseLostError
 from infeed.inference.batcher import Batch, BatchConfig, Batcher, Pending, run_model
 from infeed.inference.middleware import Middleware
 from infeed.inference.models import DEFAULT_MAX_LOADED, LoadedModels, VersionFollower
@@ -38,12 +38,20 @@ from infeed.inference.protocol import (
 from infeed.inference.registry import DEFAULT_EVENTS_TOPIC, ModelRegistry
 from infeed.types import Capability, Delivery, Position
 
-__all__ = ["DEFAULT_PRIORITY_LEVELS", "DEFAULT_TORCH_THREADS", "Worker", "WorkerConfig"]
+__all__ = [
+    "DEFAULT_COMMIT_INTERVAL_S",
+    "DEFAULT_PRIORITY_LEVELS",
+    "DEFAULT_TORCH_THREADS",
+    "Worker",
+    "WorkerConfig",
+]
 
 #: Priority levels served (topics ``.p0`` to ``.p<N-1>``).
 DEFAULT_PRIORITY_LEVELS = 3
 #: torch intra-op threads per worker: one, so N worker processes use N cores.
 DEFAULT_TORCH_THREADS = 1
+#: Least time between two commits of the answered position (a commit is a broker round trip).
+DEFAULT_COMMIT_INTERVAL_S = 0.25
 
 _log = logging.getLogger(__name__)
 
@@ -60,6 +68,8 @@ class WorkerConfig:
             (and pinned ones) only.
         max_loaded: model versions kept in memory.
         torch_threads: ``torch.set_num_threads`` at start; None leaves it.
+        commit_interval_s: least time between commits of the answered position, which only feeds
+            the backlog count behind ``QueueFull`` (acks, not commits, settle requests).
     """
 
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -68,8 +78,15 @@ class WorkerConfig:
     events_topic: str | None = DEFAULT_EVENTS_TOPIC
     max_loaded: int = DEFAULT_MAX_LOADED
     torch_threads: int | None = DEFAULT_TORCH_THREADS
+    commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S
 
     def __post_init__(self) -> None:
+        if not isinstance(self.commit_interval_s, int | float) or not 0 <= self.commit_interval_s < float(
+            "inf"
+        ):
+            raise ValueError(
+                f"commit_interval_s must be a finite number >= 0, got {self.commit_interval_s!r}"
+            )
         if self.torch_threads is not None and (type(self.torch_threads) is not int or self.torch_threads < 1):
             raise ValueError(f"torch_threads must be an int >= 1 or None, got {self.torch_threads!r}")
 
@@ -122,6 +139,8 @@ class Worker:
         self.batcher = Batcher(list(self._consumers.values()), self.config.batch)
         self._commit = broker.supports(Capability.OFFSET_COMMIT)
         self._committed: dict[tuple[str, int], int] = {}
+        self._to_commit: dict[tuple[str, int], int] = {}
+        self._committed_at = time.monotonic()
         #: Requests answered so far (any outcome).
         self.answered = 0
         for mw in self.middleware:
@@ -150,6 +169,7 @@ class Worker:
                     mw.after_swap(version)
         batch = self.batcher.next_batch(timeout_s)
         if not batch:
+            self._flush_commits()
             return 0
         out = _Outcome()
         self._answer_unservable(batch, out)
@@ -277,6 +297,7 @@ class Worker:
                     "lease lost on %d answered request(s); they will be answered again", len(exc.positions)
                 )
             self._commit_acked(consumer, deliveries)
+        self._flush_commits()
         for delivery, reason in out.dead:
             try:
                 self._consumers[delivery.topic].nack(delivery, requeue=False, reason=reason)
@@ -291,14 +312,23 @@ class Worker:
         best: dict[int, int] = {}
         for d in deliveries:
             best[d.partition] = max(best.get(d.partition, -1), d.next_position.offset)
-        positions = []
         for partition, offset in best.items():
             key = (consumer.topic, partition)
-            if offset > self._committed.get(key, -1):
-                self._committed[key] = offset
-                positions.append(Position(consumer.topic, partition, offset))
-        if positions:
-            consumer.commit(positions)
+            if offset > max(self._committed.get(key, -1), self._to_commit.get(key, -1)):
+                self._to_commit[key] = offset
+
+    def _flush_commits(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._to_commit or (not force and now - self._committed_at < self.config.commit_interval_s):
+            return
+        by_topic: dict[str, list[Position]] = defaultdict(list)
+        for (topic, partition), offset in self._to_commit.items():
+            by_topic[topic].append(Position(topic, partition, offset))
+        self._committed.update(self._to_commit)
+        self._to_commit.clear()
+        self._committed_at = now
+        for topic, positions in by_topic.items():
+            self._consumers[topic].commit(positions)
 
     def close(self) -> None:
         """Stop following events and leave the group; held requests are given back. Idempotent."""
@@ -310,6 +340,11 @@ class Worker:
                 self._consumers[p.delivery.topic].nack(p.delivery, requeue=True)
             except LeaseLostError:  # already another worker's: nothing to give back
                 pass
+        if self._consumers:
+            try:
+                self._flush_commits(force=True)
+            except BrokerError as exc:  # only the backlog count lags; requests are settled by acks
+                _log.warning("could not commit the answered position on close: %s", exc)
         for consumer in self._consumers.values():
             consumer.close()
         self._consumers.clear()
