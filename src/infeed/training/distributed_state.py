@@ -97,9 +97,12 @@ def remap_state(
     fields = list(base["fields"])
     arrays: dict[str, Any] = {}
     for name in fields:
+        template = next((s["arrays"][name] for s in states if name in s["arrays"]), None)
         parts = [s["arrays"][name] for s in donors if name in s["arrays"]]
         if parts:
             arrays[name] = np.concatenate(parts)
+        elif template is not None:
+            arrays[name] = template[:0]  # no records held for this rank
     finished = all(bool(s["meta"]["finished"]) for s in holders) if holders else bool(base["finished"])
     base.update(
         positions=encode_positions(positions),
