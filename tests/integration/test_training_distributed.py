@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,7 +77,7 @@ def _say(line: str) -> None:
 
 
 def worker(argv: list[str]) -> int:
-    from infeed.training import QueueDataset, Trainer
+    from infeed.training import QueueDataset, StepInfo, Trainer
     from infeed.training.distributed import DistContext, assign_partitions
     from infeed.training.models import mlp
 
@@ -93,6 +94,11 @@ def worker(argv: list[str]) -> int:
     torch.manual_seed(0)
     model = mlp(**MODEL_KWARGS)  # type: ignore[arg-type]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def on_step(info: StepInfo) -> None:
+        _say(f"rank {ctx.rank} step {info.step}")
+        time.sleep(args.step_sleep_s)  # a slower step, so a kill lands mid-run
+
     with QueueDataset(args.broker, args.topic, group="dist", schema=SCHEMA, batch_size=BATCH, epochs=1) as ds:
         ds.partitions = assign_partitions(PARTITIONS, ctx.rank, ctx.world_size)
         trainer = Trainer(
@@ -106,7 +112,7 @@ def worker(argv: list[str]) -> int:
             audit_field="id",
             distributed=ctx,
             progress_topic=f"{args.topic}.progress",
-            on_step=lambda info: (_say(f"rank {ctx.rank} step {info.step}"), time.sleep(args.step_sleep_s)),
+            on_step=on_step,
         )
         _say(f"rank {ctx.rank} of {ctx.world_size} resumed {trainer.restore()}")
         result = trainer.fit()
@@ -230,7 +236,9 @@ def test_two_ranks_through_the_cli_train_every_sample_once_and_learn(backend: st
     untrained = _held_out_loss(mlp(**MODEL_KWARGS))  # type: ignore[arg-type]
     single = _single_process_loss(url, topic, tmp_path)
     two = _held_out_loss(distributed)
-    print(f"{backend}: held-out loss untrained {untrained:.3f}, one process {single:.3f}, two ranks {two:.3f}")
+    print(
+        f"{backend}: held-out loss untrained {untrained:.3f}, one process {single:.3f}, two ranks {two:.3f}"
+    )
     assert two < 0.7 * untrained and two < 1.3 * single + 0.05
 
     # The progress events: one per checkpoint, naming both ranks' partitions.
@@ -238,7 +246,7 @@ def test_two_ranks_through_the_cli_train_every_sample_once_and_learn(backend: st
 
     with connect(url) as broker:
         consumer = broker.subscribe(f"{topic}.progress", group="follower")
-        events = []
+        events: list[dict[str, Any]] = []
         while not events or events[-1]["samples"] < SAMPLES:
             got = consumer.receive(max_messages=100, timeout_s=5.0)
             assert got, f"progress events stopped at {events[-1:]}"
@@ -278,7 +286,9 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_sigkill_one_rank_then_torchrun_restarts_and_the_audit_stays_exact(backend: str, tmp_path: Path) -> None:
+def test_sigkill_one_rank_then_torchrun_restarts_and_the_audit_stays_exact(
+    backend: str, tmp_path: Path
+) -> None:
     url, topic = BACKENDS[backend](tmp_path), _topic()
     _produce(url, topic)
     checkpoints = tmp_path / "ckpt"
@@ -296,7 +306,9 @@ def test_sigkill_one_rank_then_torchrun_restarts_and_the_audit_stays_exact(backe
                 break
             seen.append(line)
             if killed is None and "rank 1 step 12" in line:
-                ranks = [p for p in _children(proc.pid) if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+                ranks = [
+                    p for p in _children(proc.pid) if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()
+                ]
                 killed = max(ranks)
                 os.kill(killed, signal.SIGKILL)
         proc.wait(timeout=max(0.01, deadline - time.monotonic()))

@@ -143,18 +143,21 @@ def train(
     if group_ctx is not None:
         n_partitions = len(bus.describe_topic(topic).partitions)
         partitions = assign_partitions(n_partitions, group_ctx.rank, group_ctx.world_size)
-    with bus, QueueDataset(
+    with (
         bus,
-        topic,
-        partitions=partitions,
-        group=group,
-        schema=schema,
-        batch_size=batch_size,
-        epochs=epochs,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
-        idle_timeout_s=idle_timeout_s,
-    ) as dataset:
+        QueueDataset(
+            bus,
+            topic,
+            partitions=partitions,
+            group=group,
+            schema=schema,
+            batch_size=batch_size,
+            epochs=epochs,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            idle_timeout_s=idle_timeout_s,
+        ) as dataset,
+    ):
         trainer = Trainer(
             net,
             optimizer,
@@ -186,7 +189,9 @@ def train(
             if resumed is not None and main:
                 err().print(f"resumed from the checkpoint after step {resumed:,}")
             if group_ctx is not None and main:
-                err().print(f"rank 0 of {group_ctx.world_size} ({group_ctx.backend}); partitions {partitions}")
+                err().print(
+                    f"rank 0 of {group_ctx.world_size} ({group_ctx.backend}); partitions {partitions}"
+                )
             if main:
                 with display:
                     result = trainer.fit()

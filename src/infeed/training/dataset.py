@@ -15,8 +15,8 @@ once a durable checkpoint covers all its records.
 
 from __future__ import annotations
 
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar

@@ -15,11 +15,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore
+from torch.distributed.rendezvous import rendezvous
 
 from infeed.types import Capability
 
@@ -131,11 +132,11 @@ class DistContext:
             device = torch.device("cpu")
         if not dist.is_initialized():
             timeout = timedelta(seconds=timeout_s)
-            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            store, _, _ = next(rendezvous("env://", timeout=timeout))
             # torchrun may keep one store across restarts of the group: keys a killed rank wrote
             # (its gloo address) would be read by the next round's ranks, so each round gets its own.
             restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            store = dist.PrefixStore(f"infeed/round-{restart}", store)
+            store = PrefixStore(f"infeed/round-{restart}", store)
             dist.init_process_group(chosen, store=store, rank=rank, world_size=world, timeout=timeout)
         return cls(rank=rank, world_size=world, local_rank=local, backend=chosen, device=device)
 

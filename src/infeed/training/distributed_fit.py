@@ -70,9 +70,7 @@ def restore_group(trainer: Trainer) -> int | None:
         return None
     meta = trainer._load_common(found)
     old_world = int(meta.get("world_size", 1))
-    states = [
-        decode_state(*(found.read_bytes(name) for name in dataset_files(r))) for r in range(old_world)
-    ]
+    states = [decode_state(*(found.read_bytes(name) for name in dataset_files(r))) for r in range(old_world)]
     trainer.dataset.load_state_dict(remap_state(states, ctx.rank, ctx.world_size, _partitions(trainer)))
     if ctx.is_main and "audit.safetensors" in found:
         saved = np_load(found.read_bytes("audit.safetensors"))
@@ -106,7 +104,7 @@ def fit_group(trainer: Trainer) -> TrainResult:
     ddp = DistributedDataParallel(
         trainer.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
     )
-    ddp.train()
+    trainer.model.train()
     steps_run = checkpoints = 0
     wait_total = compute_total = checkpoint_total = 0.0
     last_checkpoint = time.monotonic()
@@ -120,7 +118,9 @@ def fit_group(trainer: Trainer) -> TrainResult:
             ended = trainer.dataset.ended
         n = len(batch[trainer.target_field]) if batch is not None else 0
         due = ctx.is_main and every_s is not None and t0 - last_checkpoint >= every_s
-        total, n_ended, stops, due_flag = ctx.sum([n, float(ended), float(trainer._stop.is_set()), float(due)])
+        total, n_ended, stops, due_flag = ctx.sum(
+            [n, float(ended), float(trainer._stop.is_set()), float(due)]
+        )
         t1 = time.monotonic()
         if total > 0:
             local = batch if batch is not None else _empty_batch(trainer, ctx.device)
@@ -137,7 +137,9 @@ def fit_group(trainer: Trainer) -> TrainResult:
                 trainer._audit_steps.append(np.full(n, trainer.step, np.int64))
             if trainer.on_step is not None:
                 trainer.on_step(
-                    StepInfo(trainer.step, trainer.samples, int(total), loss, t1 - t0, t2 - t1, outputs, targets)
+                    StepInfo(
+                        trainer.step, trainer.samples, int(total), loss, t1 - t0, t2 - t1, outputs, targets
+                    )
                 )
         if stops > 0 or (total == 0 and n_ended == ctx.world_size):
             break
@@ -242,7 +244,9 @@ def checkpoint_group(trainer: Trainer) -> Checkpoint | None:
             files[arrays_name] = parts["arrays"].tobytes()
             all_values.append(parts["audit_values"])
             all_steps.append(parts["audit_steps"])
-            summaries.append(_rank_summary(rank, decode_state(parts["meta"].tobytes(), parts["arrays"].tobytes())))
+            summaries.append(
+                _rank_summary(rank, decode_state(parts["meta"].tobytes(), parts["arrays"].tobytes()))
+            )
         if trainer.audit_field is not None:
             trainer._group_audit = (np.concatenate(all_values), np.concatenate(all_steps))
             files["audit.safetensors"] = np_save(
