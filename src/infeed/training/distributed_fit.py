@@ -95,7 +95,7 @@ def _empty_batch(trainer: Trainer, device: torch.device) -> dict[str, torch.Tens
 
 def fit_group(trainer: Trainer) -> TrainResult:
     """Restore, then train in lockstep with the other ranks (module docstring) until all stop."""
-    from infeed.training.trainer import StepInfo, TrainResult
+    from infeed.training.trainer import StepInfo, TrainResult, _Window
 
     ctx = _ctx(trainer)
     started = time.monotonic()
@@ -108,6 +108,7 @@ def fit_group(trainer: Trainer) -> TrainResult:
     steps_run = checkpoints = 0
     wait_total = compute_total = checkpoint_total = 0.0
     last_checkpoint = time.monotonic()
+    window = _Window(last_checkpoint)
     ended = not _partitions(trainer)
     every_s, every_steps = trainer.checkpoint_every_s, trainer.checkpoint_every_steps
     while not _global_limit(trainer):
@@ -132,6 +133,8 @@ def fit_group(trainer: Trainer) -> TrainResult:
             steps_run += 1
             wait_total += t1 - t0
             compute_total += t2 - t1
+            window.add(n, t1 - t0, t2 - t1)
+            trainer._observe(n, loss, t1 - t0, t2 - t1, window, t2)  # this rank's records
             if trainer.audit_field is not None and batch is not None:
                 trainer._audit.append(batch[trainer.audit_field].numpy())
                 trainer._audit_steps.append(np.full(n, trainer.step, np.int64))
