@@ -2,9 +2,8 @@
 
 A topic of 4,000 small records (``x`` float32 (16,), ``y`` int64 from a fixed linear rule, ``id``
 int64) in 4 partitions, 20 records per message, is trained by real ``torchrun`` jobs of real
-processes. Every check reads the group checkpoint's audit (the ``id`` and step of every record
-trained into the model, kept as durably as the model): every id exactly once, each step's records
-in one step.
+processes, on SQLite, Kafka and Redis. Every check reads the group checkpoint's audit (the ``id`` and step of every record
+trained into the model, kept as durably as the model): every id exactly once.
 
 * two ranks through ``python -m infeed train`` (the CLI), then the held-out loss against one
   process trained on the same records;
@@ -196,7 +195,11 @@ def _kafka(tmp: Path) -> str:
     return broker_url("kafka")
 
 
-BACKENDS: dict[str, Callable[[Path], str]] = {"sqlite": _sqlite, "kafka": _kafka}
+def _redis(tmp: Path) -> str:
+    return broker_url("redis")
+
+
+BACKENDS: dict[str, Callable[[Path], str]] = {"sqlite": _sqlite, "kafka": _kafka, "redis": _redis}
 
 
 def _topic() -> str:
