@@ -2,8 +2,9 @@
 
 A topic of 4,000 small records (``x`` float32 (16,), ``y`` int64 from a fixed linear rule, ``id``
 int64) in 4 partitions, 20 records per message, is trained by real ``torchrun`` jobs of real
-processes, on SQLite, Kafka and Redis. Every check reads the group checkpoint's audit (the ``id`` and step of every record
-trained into the model, kept as durably as the model): every id exactly once.
+processes, on SQLite, Kafka and Redis. Every check reads the group checkpoint's audit (the ``id``
+and step of every record trained into the model, kept as durably as the model): every id exactly
+once.
 
 * two ranks through ``python -m infeed train`` (the CLI), then the held-out loss against one
   process trained on the same records;
