@@ -201,3 +201,55 @@ def test_a_group_needs_partitions_and_seek() -> None:
     with QueueDataset(_broker(), "t", group="g", schema=SCHEMA, batch_size=4) as ds:
         with pytest.raises(ValueError, match="partitions=assign_partitions"):
             check_group_dataset(ds)
+
+
+# -- QueueDataset.poll and merged held records --------------------------------------------------
+
+
+def _ids(n: int, start: int = 0) -> RecordBatch:
+    rng = np.random.default_rng(start)
+    return RecordBatch(
+        {
+            "x": rng.random((n, 4), dtype=np.float32),
+            "y": np.zeros(n, np.int64),
+            "id": np.arange(start, start + n, dtype=np.int64),
+        }
+    )
+
+
+def test_poll_gives_up_at_its_deadline_and_keeps_what_it_read() -> None:
+    broker = MemoryBroker()
+    with Producer(broker, "t", records_per_message=5) as producer:
+        producer.send_batch(_ids(15))
+    with QueueDataset(broker, "t", group="g", schema=SCHEMA, batch_size=10, idle_timeout_s=30.0) as ds:
+        first = ds.poll(5.0)
+        assert first is not None and first["id"].tolist() == list(range(10))
+        assert ds.poll(0.05) is None and not ds.ended
+        state = ds.state_dict()
+        assert state["arrays"]["id"].tolist() == [10, 11, 12, 13, 14]  # read, held, not trained
+        with Producer(broker, "t", records_per_message=5) as producer:
+            producer.send_batch(_ids(5, 15))
+        second = ds.poll(5.0)
+        assert second is not None and second["id"].tolist() == list(range(10, 20))
+
+
+def test_held_records_merged_beyond_one_batch_are_cut_into_batches() -> None:
+    broker = MemoryBroker()
+    with Producer(broker, "t", records_per_message=5) as producer:
+        producer.send_batch(_ids(40))
+    with QueueDataset(broker, "t", group="a", schema=SCHEMA, batch_size=10, epochs=1) as ds:
+        ds.poll(5.0)
+        state = ds.state_dict()
+    # Two ranks' held records (23 > one batch) re-mapped onto one rank.
+    held = _ids(23, 100)
+    state["arrays"] = {name: np.asarray(held.columns[name]) for name in SCHEMA.fields}
+    with QueueDataset(broker, "t", group="b", schema=SCHEMA, batch_size=10, epochs=1) as ds:
+        ds.load_state_dict(state)
+        sizes, ids = [], []
+        while not ds.ended:
+            batch = ds.poll(5.0)
+            if batch is not None:
+                sizes.append(len(batch["id"]))
+                ids += batch["id"].tolist()
+    assert sorted(ids) == list(range(10, 40)) + list(range(100, 123))
+    assert sizes[:2] == [10, 10] and max(sizes) == 10
