@@ -10,7 +10,8 @@ once.
   process trained on the same records;
 * SIGKILL of one rank mid-run: torchrun (``--max-restarts``) restarts the group, which resumes from
   the group checkpoint;
-* world size 2 → 1 → 2 across three jobs (each stops after some samples), re-mapping partitions.
+* world size 2 → 1 → 2 across three jobs (each stops after some samples), re-mapping partitions;
+* uneven shares (3 partitions, 2 ranks): no hang, one rank steps empty while the other trains on.
 
 ``python -m tests.integration.test_training_distributed worker ARGS`` is the rank the kill and
 elastic tests run (the CLI's wiring plus a slower step, so a kill lands mid-run).
@@ -58,11 +59,11 @@ def _data(n: int, seed: int) -> dict[str, np.ndarray]:
     return {"x": x, "y": np.argmax(x @ rule, axis=1).astype(np.int64), "id": np.arange(n, dtype=np.int64)}
 
 
-def _produce(url: str, topic: str) -> None:
+def _produce(url: str, topic: str, partitions: int = PARTITIONS) -> None:
     from infeed.brokers import connect
 
     with connect(url) as broker:
-        broker.create_topic(topic, partitions=PARTITIONS)
+        broker.create_topic(topic, partitions=partitions)
         with Producer(broker, topic, records_per_message=PER_MESSAGE, messages_per_publish=50) as producer:
             producer.send_batch(RecordBatch(_data(SAMPLES, 0)))  # keyless: spread over the partitions
 
@@ -100,7 +101,8 @@ def worker(argv: list[str]) -> int:
         time.sleep(args.step_sleep_s)  # a slower step, so a kill lands mid-run
 
     with QueueDataset(args.broker, args.topic, group="dist", schema=SCHEMA, batch_size=BATCH, epochs=1) as ds:
-        ds.partitions = assign_partitions(PARTITIONS, ctx.rank, ctx.world_size)
+        n_partitions = len(ds.broker.describe_topic(args.topic).partitions)
+        ds.partitions = assign_partitions(n_partitions, ctx.rank, ctx.world_size)
         trainer = Trainer(
             model,
             optimizer,
@@ -345,6 +347,22 @@ def test_world_size_two_then_one_then_two_keeps_the_audit_exact(backend: str, tm
     meta = json.loads((_latest(checkpoints) / "trainer.json").read_text())
     assert meta["world_size"] == 2
     _audit_exactly_once(checkpoints)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_uneven_shares_do_not_hang_and_the_audit_stays_exact(tmp_path: Path) -> None:
+    # 3 partitions for 2 ranks: rank 0 reads twice what rank 1 reads, and steps on alone at the end.
+    url, topic = _sqlite(tmp_path), _topic()
+    _produce(url, topic, partitions=3)
+    checkpoints = tmp_path / "ckpt"
+    output = _finish(_torchrun(2, _worker(url, topic, checkpoints)), 90)
+    assert sorted(re.findall(r"rank (\d) done \d+ 4000", output)) == ["0", "1"], output[-2000:]
+    _, steps = _audit_exactly_once(checkpoints)
+    per_step = np.bincount(steps)[1:]
+    assert per_step.max() <= 2 * BATCH
+    # Rank 1 ran out first: from then on rank 0 stepped with one batch while rank 1 stepped empty.
+    assert (per_step == BATCH).sum() >= 10, per_step.tolist()
 
 
 if __name__ == "__main__":
