@@ -13,6 +13,9 @@ On start the checkpoint, not the broker, is the truth: the newest complete check
 and the dataset seeks to its positions, skipping records before the saved record index. A run
 killed at any moment and resumed ends with the same weights as one never killed (single
 partition, deterministic kernels: ``torch.use_deterministic_algorithms(True)``, one thread).
+
+In a group of ranks (``distributed=DistContext.from_env()``) the loop, checkpoint and restore are
+``distributed_fit``'s: ranks step in lockstep, and one checkpoint holds every rank's positions.
 """
 
 from __future__ import annotations
