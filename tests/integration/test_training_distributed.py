@@ -20,6 +20,7 @@ elastic tests run (the CLI's wiring plus a slower step, so a kill lands mid-run)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -142,11 +143,19 @@ def _torchrun(nproc: int, target: list[str], *, restarts: int = 0) -> subprocess
     )
 
 
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL torchrun's ranks (each in a session of its own), then torchrun."""
+    for pid in _children(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _finish(proc: subprocess.Popen[str], timeout_s: float) -> str:
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill(proc)
         output, _ = proc.communicate()
         raise AssertionError(f"torchrun did not finish in {timeout_s} s:\n{output[-3000:]}") from None
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{output[-3000:]}"
@@ -322,7 +331,7 @@ def test_sigkill_one_rank_then_torchrun_restarts_and_the_audit_stays_exact(
         pass
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill(proc)
             proc.wait()
         reader.join()
     text = "\n".join(seen)
