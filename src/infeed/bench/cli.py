@@ -70,6 +70,7 @@ def brokers(
 
 app.command("train-feed")(__import__("infeed.bench.train_feed", fromlist=["cli"]).cli)
 app.command("infer")(__import__("infeed.bench.infer", fromlist=["cli"]).cli)
+app.command("train-dist")(__import__("infeed.bench.train_dist", fromlist=["cli"]).cli)
 
 
 @app.command("all")

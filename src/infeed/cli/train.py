@@ -19,10 +19,14 @@ if TYPE_CHECKING:
 
     from infeed.training import QueueDataset, StepInfo, Trainer, TrainResult
 
-__all__ = ["DEFAULT_CHECKPOINT_EVERY_S", "Loss", "train"]
+__all__ = ["DEFAULT_CHECKPOINT_EVERY_S", "DEFAULT_PROGRESS_TOPIC", "Loss", "train"]
 
 #: Checkpoint interval when neither --checkpoint-every-steps nor --checkpoint-every-s is given.
 DEFAULT_CHECKPOINT_EVERY_S = 30.0
+#: Where ``infeed train`` publishes its progress events.
+DEFAULT_PROGRESS_TOPIC = "infeed.training-progress"
+#: Under torchrun: how long a rank waits for its batch each step (``Trainer.starve_wait_s``).
+DEFAULT_STARVE_WAIT_S = 0.05
 #: Redraws of the live display per second, at most.
 _REDRAWS_PER_S = 4.0
 
@@ -81,18 +85,33 @@ def train(
     events_topic: Annotated[
         str, typer.Option(help="Where new versions are announced.")
     ] = "infeed.model-events",
+    progress_topic: Annotated[
+        str | None,
+        typer.Option(help="Where a JSON progress event goes after each checkpoint ('' for none)."),
+    ] = DEFAULT_PROGRESS_TOPIC,
+    audit_field: Annotated[
+        str | None,
+        typer.Option(help="Keep this field of every trained record in each checkpoint (audits)."),
+    ] = None,
+    starve_wait_s: Annotated[
+        float,
+        typer.Option(min=0.0, help="Under torchrun: how long a rank waits for its batch each step."),
+    ] = DEFAULT_STARVE_WAIT_S,
     broker: BrokerOption = None,
 ) -> None:
     """Train a model on a topic; checkpoints are exactly once with respect to the stream.
 
     A restart with the same --checkpoint-dir resumes where the last checkpoint stopped. Ctrl-C stops
-    after the current step and checkpoints.
+    after the current step and checkpoints. Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set)
+    every rank reads its share of the partitions and DDP all-reduces the gradients.
     """
     import torch
 
+    from infeed.brokers import connect
     from infeed.codecs import Schema
     from infeed.inference.registry import resolve_factory
     from infeed.training import ModelRegistry, QueueDataset, Trainer, TrainingMetrics
+    from infeed.training.distributed import DistContext, assign_partitions
 
     try:
         kwargs = json.loads(model_kwargs)
@@ -116,18 +135,29 @@ def train(
         torch.nn.functional.cross_entropy if loss is Loss.cross_entropy else torch.nn.functional.mse_loss
     )
     url = state(ctx).settings(broker).broker
+    group_ctx = DistContext.from_env()
+    main = group_ctx is None or group_ctx.is_main
     display = _Display(err(), classify=loss is Loss.cross_entropy)
-    with QueueDataset(
-        url,
-        topic,
-        group=group,
-        schema=schema,
-        batch_size=batch_size,
-        epochs=epochs,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
-        idle_timeout_s=idle_timeout_s,
-    ) as dataset:
+    bus = connect(url)
+    partitions = None
+    if group_ctx is not None:
+        n_partitions = len(bus.describe_topic(topic).partitions)
+        partitions = assign_partitions(n_partitions, group_ctx.rank, group_ctx.world_size)
+    with (
+        bus,
+        QueueDataset(
+            bus,
+            topic,
+            partitions=partitions,
+            group=group,
+            schema=schema,
+            batch_size=batch_size,
+            epochs=epochs,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            idle_timeout_s=idle_timeout_s,
+        ) as dataset,
+    ):
         trainer = Trainer(
             net,
             optimizer,
@@ -145,20 +175,34 @@ def train(
             model_kwargs=kwargs,
             events_topic=events_topic,
             metrics=TrainingMetrics(),
-            on_step=display.step,
-            on_checkpoint_phase=display.phase,
+            on_step=display.step if main else None,
+            on_checkpoint_phase=display.phase if main else None,
+            distributed=group_ctx,
+            progress_topic=progress_topic or None,
+            audit_field=audit_field,
+            starve_wait_s=starve_wait_s,
         )
         display.attach(trainer, dataset)
         previous = signal.signal(signal.SIGINT, lambda signum, frame: trainer.stop())
         try:
             resumed = trainer.restore()
-            if resumed is not None:
+            if resumed is not None and main:
                 err().print(f"resumed from the checkpoint after step {resumed:,}")
-            with display:
+            if group_ctx is not None and main:
+                err().print(
+                    f"rank 0 of {group_ctx.world_size} ({group_ctx.backend}); partitions {partitions}"
+                )
+            if main:
+                with display:
+                    result = trainer.fit()
+            else:
                 result = trainer.fit()
         finally:
             signal.signal(signal.SIGINT, previous)
-    _summary(result, checkpoint_dir)
+            if group_ctx is not None:
+                group_ctx.close()
+    if main:
+        _summary(result, checkpoint_dir)
 
 
 class _Display:
@@ -204,7 +248,7 @@ class _Display:
             self.samples_at_start = info.samples - info.batch_size
             self.started = time.monotonic() - info.data_wait_s - info.compute_s
         self.loss_avg = info.loss if self.loss_avg is None else 0.95 * self.loss_avg + 0.05 * info.loss
-        if self.classify and info.outputs.ndim == 2:
+        if self.classify and info.outputs.ndim == 2 and len(info.targets):
             acc = float((info.outputs.argmax(1) == info.targets).float().mean())
             self.acc_avg = acc if self.acc_avg is None else 0.95 * self.acc_avg + 0.05 * acc
         self.wait_s += info.data_wait_s

@@ -15,6 +15,7 @@ once a durable checkpoint covers all its records.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -166,6 +167,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._dcursor = 0
         self._consumed: list[Delivery] = []
         self._closed = False
+        self._idled = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             self._position_at_start()
         if self._finished or (self._prefetch is not None and self._prefetch.is_alive()):
             return
+        self._idled = False
         if self._plan is not None:
             self._plan.remaining = (self.epochs or 0) - self._epoch
         self._prefetch = Prefetcher(
@@ -269,29 +272,65 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             self.batches += 1
             yield to_tensors(batch)
 
-    def _next_batch(self) -> dict[str, _Array] | None:
-        self._fill()
+    def poll(self, timeout_s: float) -> dict[str, torch.Tensor] | None:
+        """Return the next batch if it is complete within ``timeout_s``, else None.
+
+        Records read while waiting stay held (they are in :meth:`state_dict`) and go into a later
+        batch. After None, :attr:`ended` tells whether the stream ended or idled out (the last,
+        partial batch has then been returned already) or the batch is only not complete yet.
+        """
+        if get_worker_info() is not None:
+            raise RuntimeError("QueueDataset must be polled in the training process")
+        if self._stream is None or self._prefetch is None:
+            self.open()  # not while a finished prefetch thread's queue still holds records
+        batch = self._next_batch(time.monotonic() + timeout_s)
+        if batch is None:
+            return None
+        self.batches += 1
+        return to_tensors(batch)
+
+    @property
+    def ended(self) -> bool:
+        """Whether the last epoch ended or the stream idled out (iterating again goes on)."""
+        return self._finished or self._idled
+
+    def _next_batch(self, deadline: float | None = None) -> dict[str, _Array] | None:
+        if not self._fill(deadline):
+            return None
         held = self._held.count
         if held == 0 or (self._held.space > 0 and self.drop_last and held < self.batch_size):
             return None
         if self._shuffle is not None:
             return self._shuffle.draw(self.batch_size)
         batch = self._held.view()
+        if held > self.batch_size:
+            # Held records merged from several ranks' states (a smaller world): cut them.
+            rest = self._held
+            batch = {name: array[: self.batch_size].copy() for name, array in batch.items()}
+            self._held = Columns(self.schema, max(self.batch_size, held - self.batch_size))
+            self._held.append(rest.view(), self.batch_size, held)
+            return batch
         self._held = self._new_held()
         return batch
 
-    def _fill(self) -> None:
-        """Move records from the stream into the held columns until full or the stream stops."""
+    def _fill(self, deadline: float | None = None) -> bool:
+        """Move records from the stream into the held columns until full or the stream stops.
+
+        Returns False when ``deadline`` (a ``time.monotonic()`` value) passed first.
+        """
         target = self._held
         prefetch = self._prefetch
         while target.space > 0:
             if not self._pending:
                 if prefetch is None or self._finished:
-                    return
-                item = prefetch.queue.get(timeout_s=1.0)
+                    return True
+                wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+                item = prefetch.queue.get(timeout_s=wait)
                 if item is None:
                     if not prefetch.is_alive() and prefetch.queue.nbytes == 0:
-                        return  # stopped by close()
+                        return True  # stopped by close()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
                     continue
                 if isinstance(item, Chunk):
                     self._pending.append(item)
@@ -302,10 +341,11 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
                     continue
                 elif isinstance(item, StreamEnd):
                     self._finished = True
-                    return
+                    return True
                 elif isinstance(item, Idle):
                     self._prefetch = None
-                    return
+                    self._idled = True
+                    return True
                 elif isinstance(item, Failed):
                     self._prefetch = None
                     raise item.error
@@ -328,6 +368,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
                 self._cursor = self._dcursor = 0
             else:
                 self._cursor = b
+        return True
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -418,6 +459,12 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.batches = int(meta["batches"])
         self._dead_lettered_before = int(meta["dead_lettered"])
         self._rng.bit_generator.state = meta["rng"]
+        rows = max((len(array) for array in arrays.values()), default=0)
+        if rows > self._held.capacity:
+            # A state merged from several ranks (a smaller world) can hold more than one batch.
+            self._held = Columns(self.schema, rows)
+            if self._shuffle is not None:
+                self._shuffle.columns = self._held
         self._held.load(arrays)
 
     # -- broker side ----------------------------------------------------------------------------

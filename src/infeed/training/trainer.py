@@ -13,6 +13,9 @@ On start the checkpoint, not the broker, is the truth: the newest complete check
 and the dataset seeks to its positions, skipping records before the saved record index. A run
 killed at any moment and resumed ends with the same weights as one never killed (single
 partition, deterministic kernels: ``torch.use_deterministic_algorithms(True)``, one thread).
+
+In a group of ranks (``distributed=DistContext.from_env()``) the loop, checkpoint and restore are
+``distributed_fit``'s: ranks step in lockstep, and one checkpoint holds every rank's positions.
 """
 
 from __future__ import annotations
@@ -33,17 +36,29 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_model, save_model
 from safetensors.torch import save as st_save
 
+from infeed.codecs import JsonCodec
 from infeed.inference.registry import DEFAULT_EVENTS_TOPIC, ModelRegistry, announce
+from infeed.streams import Producer
 from infeed.training._optim import optimizer_from_files, optimizer_to_files
 from infeed.training.checkpoint import DEFAULT_KEEP, Checkpoint, CheckpointStore, FileSource
 from infeed.training.dataset import QueueDataset
+from infeed.training.distributed import DistContext, check_group_dataset
 from infeed.training.metrics import TrainingMetrics
 from infeed.training.state import decode_state, encode_state
 
-__all__ = ["DEFAULT_LAG_EVERY_S", "TRAINER_FORMAT", "StepInfo", "TrainResult", "Trainer"]
+__all__ = [
+    "DEFAULT_LAG_EVERY_S",
+    "DEFAULT_STARVE_WAIT_S",
+    "TRAINER_FORMAT",
+    "StepInfo",
+    "TrainResult",
+    "Trainer",
+]
 
 #: How often the consumer lag and the windowed rates are refreshed.
 DEFAULT_LAG_EVERY_S = 2.0
+#: In a group, how long a rank waits for its batch before the step goes on without it.
+DEFAULT_STARVE_WAIT_S = 0.05
 #: The ``format`` of ``trainer.json``.
 TRAINER_FORMAT = "infeed.trainer/1"
 
@@ -145,9 +160,16 @@ class Trainer:
         on_checkpoint_phase: called as ``(phase, step)`` at ``begin``, ``wrote:FILE``, ``written``,
             ``renamed``, ``latest``, ``committed``, ``announced`` and ``end`` of each checkpoint.
         lag_every_s: how often the consumer lag is measured.
+        distributed: this rank's place in a ``torchrun`` group (``DistContext.from_env()``); the
+            dataset must read ``assign_partitions(...)`` of the topic. None: train alone.
+        progress_topic: after each checkpoint, publish a JSON progress event here (step, samples,
+            loss, world size, every rank's positions); None: do not.
+        starve_wait_s: in a group, how long a rank waits for its batch each step before the step
+            goes on without it (its records stay held for a later step).
 
     Raises:
-        ValueError: a bad interval or limit, or a registry without model name and factory.
+        ValueError: a bad interval or limit, a registry without model name and factory, or a group
+            whose dataset cannot be split by partitions.
     """
 
     def __init__(
@@ -175,6 +197,9 @@ class Trainer:
         on_step: Callable[[StepInfo], None] | None = None,
         on_checkpoint_phase: Callable[[str, int], None] | None = None,
         lag_every_s: float = DEFAULT_LAG_EVERY_S,
+        distributed: DistContext | None = None,
+        progress_topic: str | None = None,
+        starve_wait_s: float = DEFAULT_STARVE_WAIT_S,
     ) -> None:
         if checkpoint_every_steps is not None and checkpoint_every_steps <= 0:
             raise ValueError(f"checkpoint_every_steps must be > 0 or None, got {checkpoint_every_steps}")
@@ -192,6 +217,12 @@ class Trainer:
                 raise ValueError(
                     f"field {field!r} is not in the dataset's schema ({', '.join(dataset.schema.fields)})"
                 )
+        if not starve_wait_s >= 0:
+            raise ValueError(f"starve_wait_s must be >= 0, got {starve_wait_s}")
+        if distributed is not None and distributed.world_size > 1:
+            check_group_dataset(dataset)
+        if distributed is not None:
+            model.to(distributed.device)  # before the optimizer state is loaded, so it lands there too
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -213,6 +244,9 @@ class Trainer:
         self.on_step = on_step
         self.on_checkpoint_phase = on_checkpoint_phase
         self.lag_every_s = lag_every_s
+        self.distributed = distributed
+        self.progress_topic = progress_topic
+        self.starve_wait_s = starve_wait_s
         #: Steps done (restored ones included).
         self.step = 0
         #: Records trained (restored ones included).
@@ -222,6 +256,12 @@ class Trainer:
         self._restored: int | None = None
         self._restore_done = False
         self._audit: list[np.ndarray[Any, Any]] = []
+        self._audit_steps: list[np.ndarray[Any, Any]] = []
+        #: In a group, on rank 0: every trained record's audit value and step, as checkpointed.
+        self._group_audit: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] = (
+            np.empty(0, np.int64),
+            np.empty(0, np.int64),
+        )
         self._dead_seen = 0
         self._stop = threading.Event()
 
@@ -236,18 +276,32 @@ class Trainer:
         if self._restore_done:
             return self._restored
         self._restore_done = True
+        if self.distributed is not None:
+            from infeed.training.distributed_fit import restore_group
+
+            return restore_group(self)
         self.store.recover()
         found = self.store.latest()
         if found is None:
             return None
+        self._load_common(found)
+        self.dataset.load_state_dict(
+            decode_state(found.read_bytes("dataset.json"), found.read_bytes("dataset.safetensors"))
+        )
+        if "audit.safetensors" in found:
+            self._audit = [np_load(found.read_bytes("audit.safetensors"))["values"]]
+        self._restored = self.step
+        self._dead_seen = self.dataset.dead_lettered
+        self._publish(found)
+        return self.step
+
+    def _load_common(self, found: Checkpoint) -> dict[str, Any]:
+        """Load weights, optimizer, counters and RNG from ``found``; return ``trainer.json``."""
         load_model(self.model, str(found.path / "model.safetensors"))
         optimizer_from_files(
             self.optimizer, found.read_bytes("optimizer.safetensors"), found.read_bytes("optimizer.json")
         )
-        self.dataset.load_state_dict(
-            decode_state(found.read_bytes("dataset.json"), found.read_bytes("dataset.safetensors"))
-        )
-        meta = json.loads(found.read_bytes("trainer.json"))
+        meta: dict[str, Any] = json.loads(found.read_bytes("trainer.json"))
         if meta.get("format") != TRAINER_FORMAT:
             raise ValueError(
                 f"{found.path}/trainer.json has format {meta.get('format')!r}, not {TRAINER_FORMAT!r}"
@@ -256,13 +310,8 @@ class Trainer:
         self.last_loss = float(meta["last_loss"]) if meta.get("last_loss") is not None else float("nan")
         tensors = st_load(found.read_bytes("trainer.safetensors"))
         torch.set_rng_state(tensors["torch_rng"])
-        if "audit.safetensors" in found:
-            self._audit = [np_load(found.read_bytes("audit.safetensors"))["values"]]
         self._checkpointed_step = self.step
-        self._restored = self.step
-        self._dead_seen = self.dataset.dead_lettered
-        self._publish(found)
-        return self.step
+        return meta
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -283,6 +332,10 @@ class Trainer:
         Returns:
             What was done.
         """
+        if self.distributed is not None:
+            from infeed.training.distributed_fit import fit_group
+
+            return fit_group(self)
         started = time.monotonic()
         self.restore()
         steps_run = checkpoints = 0
@@ -382,31 +435,22 @@ class Trainer:
         if self.on_checkpoint_phase is not None:
             self.on_checkpoint_phase(phase, self.step)
 
-    def checkpoint(self) -> Checkpoint:
-        """Checkpoint now, following the protocol in the module docstring; return the checkpoint."""
+    def checkpoint(self) -> Checkpoint | None:
+        """Checkpoint now, following the protocol in the module docstring; return the checkpoint.
+
+        In a group every rank calls it together; rank 0 writes (and gets the checkpoint), the
+        others get None.
+        """
+        if self.distributed is not None:
+            from infeed.training.distributed_fit import checkpoint_group
+
+            return checkpoint_group(self)
         self._phase("begin")
         state = self.dataset.state_dict()
         dataset_json, dataset_arrays = encode_state(state)
-        optim_tensors, optim_json = optimizer_to_files(self.optimizer)
-        trainer_meta = {
-            "format": TRAINER_FORMAT,
-            "step": self.step,
-            "samples": self.samples,
-            "last_loss": None if self.last_loss != self.last_loss else self.last_loss,
-            "model_name": self.model_name,
-            "model_factory": self.model_factory,
-            "model_kwargs": self.model_kwargs,
-            "created_at": time.time(),  # wall clock, for people reading the file
-        }
-        files: dict[str, FileSource] = {
-            "model.safetensors": lambda path: save_model(self.model, str(path)),
-            "optimizer.safetensors": optim_tensors,
-            "optimizer.json": optim_json,
-            "dataset.json": dataset_json,
-            "dataset.safetensors": dataset_arrays,
-            "trainer.json": json.dumps(trainer_meta, indent=1, sort_keys=True).encode(),
-            "trainer.safetensors": st_save({"torch_rng": torch.get_rng_state()}),
-        }
+        files = self._common_files(world_size=None)
+        files["dataset.json"] = dataset_json
+        files["dataset.safetensors"] = dataset_arrays
         if self.audit_field is not None:
             values = np.concatenate(self._audit) if self._audit else np.empty(0, np.int64)
             self._audit = [values]
@@ -416,9 +460,49 @@ class Trainer:
         self.dataset.commit(state)
         self._phase("committed")
         self._publish(found)
+        self._progress(world_size=1, ranks=[_rank_summary(0, state)])
         self.store.prune()
         self._phase("end")
         return found
+
+    def _common_files(self, *, world_size: int | None) -> dict[str, FileSource]:
+        """Model, optimizer, counters and RNG: the files every checkpoint has."""
+        optim_tensors, optim_json = optimizer_to_files(self.optimizer)
+        trainer_meta: dict[str, Any] = {
+            "format": TRAINER_FORMAT,
+            "step": self.step,
+            "samples": self.samples,
+            "last_loss": None if self.last_loss != self.last_loss else self.last_loss,
+            "model_name": self.model_name,
+            "model_factory": self.model_factory,
+            "model_kwargs": self.model_kwargs,
+            "created_at": time.time(),  # wall clock, for people reading the file
+        }
+        if world_size is not None:
+            trainer_meta["world_size"] = world_size
+        return {
+            "model.safetensors": lambda path: save_model(self.model, str(path)),
+            "optimizer.safetensors": optim_tensors,
+            "optimizer.json": optim_json,
+            "trainer.json": json.dumps(trainer_meta, indent=1, sort_keys=True).encode(),
+            "trainer.safetensors": st_save({"torch_rng": torch.get_rng_state()}),
+        }
+
+    def _progress(self, *, world_size: int, ranks: list[dict[str, Any]]) -> None:
+        """Publish a training-progress event (JSON) on ``progress_topic``, if one is set."""
+        if self.progress_topic is None:
+            return
+        event = {
+            "model": self.model_name,
+            "step": self.step,
+            "samples": self.samples,
+            "loss": None if self.last_loss != self.last_loss else self.last_loss,
+            "world_size": world_size,
+            "ranks": ranks,
+            "time": time.time(),  # wall clock, for followers on other machines
+        }
+        with Producer(self.dataset.broker, self.progress_topic, codec=JsonCodec()) as producer:
+            producer.send(event)
 
     def _publish(self, found: Checkpoint) -> None:
         if self.registry is None or self.model_name is None or self.model_factory is None:
@@ -436,6 +520,19 @@ class Trainer:
         if self.events_topic is not None:
             announce(self.dataset.broker, version, topic=self.events_topic)
         self._phase("announced")
+
+
+def _rank_summary(rank: int, state: Mapping[str, Any]) -> dict[str, Any]:
+    """One rank's entry in a progress event: its partitions' next offsets and records held back."""
+    meta = state["meta"]
+    held = max((len(a) for a in state["arrays"].values()), default=0)
+    return {
+        "rank": rank,
+        "positions": {str(p["partition"]): p["offset"] for p in meta["positions"]},
+        "held": held,
+        "records": meta["records"],
+        "finished": meta["finished"],
+    }
 
 
 class _Window:
