@@ -30,8 +30,11 @@ format:
 	$(PY) -m ruff format src tests scripts
 	$(PY) -m ruff check --fix src tests scripts
 
-bench:  ## measure; writes bench/results/*.json and *.png
-	$(PY) -m infeed bench $(or $(WHAT),all)
+# Brokers the benchmarks measure (kafka3 is for fault tests only).
+BENCH_BROKERS ?= redis rabbitmq nats kafka pulsar
+
+bench:  ## start the brokers, measure (WHAT=brokers|train-feed|infer|train-dist|all), stop them
+	scripts/bench "$(PY)" $(or $(WHAT),all) $(BENCH_BROKERS)
 
 brokers-start:
 	scripts/brokers start $(BROKERS)
