@@ -6,7 +6,7 @@ grown past the next mark (so the kills land wherever the process happens to be: 
 publishing, acking, committing), starts it again, and finally lets it run until it is idle. The
 output topic must then hold every input record exactly once, with the probe's outputs and the
 input's position. Leases time out after 1 s, so the messages a killed process held come back and
-must be skipped, not scored again. Runs on sqlite:// and on a real Redis.
+must be skipped, not scored again. Runs on sqlite://, a real Redis and a real Kafka.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ def _read_scores(broker: Broker, topic: str) -> list[dict[str, object]]:
     return out
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "kafka"])
 def test_sigkill_mid_stream_scores_every_record_once(backend: str, tmp_path: Path) -> None:
-    base = f"sqlite:///{tmp_path}/q.db" if backend == "sqlite" else broker_url("redis")
+    base = f"sqlite:///{tmp_path}/q.db" if backend == "sqlite" else broker_url(backend)
     url = base + ("&" if "?" in base else "?") + "ack_timeout_s=1"
     run = uuid.uuid4().hex[:8]
     in_topic, out_topic = f"score-in-{run}", f"score-out-{run}"

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from infeed.brokers.base import Broker
 from infeed.errors import BrokerError, ConfigError
-from infeed.types import Delivery, Position
+from infeed.types import Capability, Delivery, Position
 
 __all__ = ["FRONTIER_HEADER", "INPUT_HEADER", "decode_frontier", "encode_frontier", "read_frontier"]
 
@@ -66,6 +66,8 @@ def _last_message(broker: Broker, topic: str, partition: int, group: str) -> Del
                 if last.position.offset >= part.high - 1:
                     break
             if last is not None:
+                if broker.supports(Capability.OFFSET_COMMIT):  # so the tail group shows no lag
+                    consumer.commit(Position(topic, partition, part.high))
                 return last
             if start <= part.low:
                 raise BrokerError(
