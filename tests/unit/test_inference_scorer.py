@@ -180,3 +180,31 @@ def test_refuses_an_output_partition_written_by_others(broker: Broker, registry:
         Scorer(broker, registry, "m", in_topic="in", out_topic="out", config=FAST)
     with pytest.raises(ValueError, match="must differ"):
         Scorer(broker, registry, "m", in_topic="in", out_topic="in", config=FAST)
+
+
+def test_two_scorers_split_the_input_partitions(broker: Broker, registry: ModelRegistry) -> None:
+    broker.create_topic("in", partitions=2)
+    broker.create_topic("out", partitions=2)
+    for i in range(12):
+        broker.publish("in", CODEC.encode({"id": i, "x": np.full(4, i, np.float32)}), partition=i % 2)
+
+    def scorer(part: int) -> Scorer:
+        config = ScoreConfig(
+            batch=BatchConfig(max_batch_size=2),
+            id_field="id",
+            events_topic=None,
+            partitions=(part,),
+            out_partition=part,
+        )
+        return Scorer(broker, registry, "m", in_topic="in", out_topic="out", config=config)
+
+    with scorer(0) as a, scorer(1) as b:
+        assert a.run_once(timeout_s=1.0) == 2 and b.run_once(timeout_s=1.0) == 2
+    with scorer(0) as a, scorer(1) as b:
+        assert (a.frontier, b.frontier) == ({0: 2}, {1: 2})  # offsets count per partition
+        drain(a)
+        drain(b)
+        assert (a.frontier, b.frontier) == ({0: 6}, {1: 6})
+    scores = read_scores(broker)
+    assert sorted(int(s["id"]) for s in scores) == list(range(12))
+    assert {s["input"].split(":")[1] for s in scores if int(s["id"]) % 2} == {"1"}

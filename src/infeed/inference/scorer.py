@@ -33,6 +33,7 @@ from infeed.inference.batcher import BatchConfig, run_model
 from infeed.inference.models import DEFAULT_MAX_LOADED, LoadedModels, VersionFollower
 from infeed.inference.protocol import Request
 from infeed.inference.registry import DEFAULT_EVENTS_TOPIC, ModelRegistry
+from infeed.inference.worker import DEFAULT_TORCH_THREADS
 from infeed.streams import Received, StreamConsumer
 from infeed.types import Capability, Position
 
@@ -84,7 +85,7 @@ class ScoreConfig:
     events_topic: str | None = DEFAULT_EVENTS_TOPIC
     max_loaded: int = DEFAULT_MAX_LOADED
     max_messages: int = DEFAULT_MAX_MESSAGES
-    torch_threads: int | None = 1
+    torch_threads: int | None = DEFAULT_TORCH_THREADS
 
     def __post_init__(self) -> None:
         if not self.inputs or not all(isinstance(n, str) and n for n in self.inputs):
@@ -235,8 +236,10 @@ class Scorer:
         rows = 0
         close_at: float | None = None
         wait_s = timeout_s
-        while rows < self.config.batch.max_batch_size:
-            for r in self._stream.receive(max_messages=self.config.max_messages, timeout_s=wait_s):
+        size = self.config.batch.max_batch_size
+        while rows < size:
+            room = min(self.config.max_messages, size - rows)  # a message holds one row or more
+            for r in self._stream.receive(max_messages=room, timeout_s=wait_s):
                 item = self._admit(r)
                 if item is not None:
                     items.append(item)
