@@ -58,6 +58,7 @@ app.command("bridge")(importlib.import_module("infeed.cli.bridge").bridge)
 app.command("train")(importlib.import_module("infeed.cli.train").train)
 app.command("serve")(importlib.import_module("infeed.cli.serve").serve)
 app.command("predict")(importlib.import_module("infeed.cli.serve").predict)
+app.command("score")(importlib.import_module("infeed.cli.score").score)
 app.add_typer(importlib.import_module("infeed.cli.datasets").app, name="datasets")
 
 

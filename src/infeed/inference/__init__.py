@@ -11,6 +11,9 @@ Public API (see docs/inference.md)::
         .run(stop=None) / .run_once(timeout_s) -> int / .close()
     ModelRegistry(root), ModelVersion, announce(broker, version, *, topic=DEFAULT_EVENTS_TOPIC)
     InferenceMetrics(registry=None)                        Prometheus, a worker middleware
+    Scorer(broker, registry, model, *, in_topic, out_topic, config=ScoreConfig())
+        .run(stop=None) / .run_once(timeout_s) -> int / .frontier / .close()
+                                                           topic to topic, exactly once
 
 Errors (``infeed.errors``): ``QueueFull`` (refused at once), ``InferenceError`` (an error reply,
 ``.code``), ``DeadlineExceededError`` (no result in time; also a ``TimeoutError``).
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
         worker_group,
     )
     from infeed.inference.registry import DEFAULT_EVENTS_TOPIC, ModelRegistry, ModelVersion, announce
+    from infeed.inference.scorer import ScoreConfig, Scorer
     from infeed.inference.worker import Worker, WorkerConfig
 
 # Names resolve on first use, so a client (protocol, client, aio) never imports torch: only the
@@ -67,6 +71,8 @@ _WHERE = {
     "ModelRegistry": "registry",
     "ModelVersion": "registry",
     "announce": "registry",
+    "ScoreConfig": "scorer",
+    "Scorer": "scorer",
     "Worker": "worker",
     "WorkerConfig": "worker",
 }
@@ -100,6 +106,8 @@ __all__ = [
     "Reply",
     "ReplyError",
     "Request",
+    "ScoreConfig",
+    "Scorer",
     "Worker",
     "WorkerConfig",
     "announce",
