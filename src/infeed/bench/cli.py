@@ -1,4 +1,4 @@
-"""``infeed bench``: a typer app (``brokers``, ``train-feed``, ``infer``, ``all``) mounted as ``bench``.
+"""``infeed bench``: a typer app mounted as ``bench`` (brokers, train-feed, infer, train-dist, all).
 
 Run it alone with ``python -m infeed.bench.cli brokers``.
 """
@@ -76,12 +76,16 @@ app.command("train-dist")(__import__("infeed.bench.train_dist", fromlist=["cli"]
 @app.command("all")
 def all_figures(
     repetitions: RepsOpt = harness.DEFAULT_REPETITIONS,
-    seconds: SecondsOpt = figure_brokers.DEFAULT_SECONDS,
     out: OutOpt = harness.DEFAULT_OUT_DIR,
     brokers_file: BrokersFileOpt = figure_brokers.DEFAULT_BROKERS_FILE,
 ) -> None:
-    """Every figure measured so far (figure 1: brokers)."""
-    figure_brokers.run(repetitions=repetitions, seconds=seconds, out_dir=out, brokers_file=brokers_file)
+    """Every figure: brokers (1), train-feed (2), infer (4, 5), train-dist; each with its defaults."""
+    from infeed.bench import infer, train_dist, train_feed
+
+    figure_brokers.run(repetitions=repetitions, out_dir=out, brokers_file=brokers_file)
+    train_feed.cli(repetitions=repetitions, out=out, brokers_file=brokers_file)
+    infer.cli(repetitions=repetitions, out=out, brokers_file=brokers_file)
+    train_dist.cli(repetitions=repetitions, out=out)
 
 
 if __name__ == "__main__":
