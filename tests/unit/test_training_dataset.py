@@ -91,6 +91,20 @@ def test_a_state_taken_mid_message_resumes_exactly(per_message: int, shuffle: in
     assert first + rest == clean
 
 
+def test_batches_read_ahead_by_a_prefetcher_that_ended_are_still_yielded() -> None:
+    # The whole topic fits in the prefetch queue: the thread reads it all and ends before the
+    # first batch is asked for; iterating must drain its queue, not start a reader over.
+    with dataset(filled(95, 7)) as ds:
+        ds.open()
+        prefetch = ds._prefetch
+        assert prefetch is not None
+        assert prefetch._thread is not None
+        prefetch._thread.join(timeout=30)  # it ends by itself after the last epoch
+        assert not prefetch.is_alive() and prefetch.queue.nbytes > 0
+        got = ids_of(iter(ds))
+    assert flat(got) == list(range(95)) and ds.finished
+
+
 def test_the_shuffle_is_seeded() -> None:
     broker = filled(100, 16)
     orders = []

@@ -191,8 +191,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             )
             self._stream = StreamConsumer(TapConsumer(consumer), registry=self.codecs, schema=self.schema)
             self._position_at_start()
-        if self._finished or (self._prefetch is not None and self._prefetch.is_alive()):
-            return
+        if self._finished or self._prefetch is not None:
+            return  # a prefetcher that ended still holds what it read (up to the end of the last epoch)
         if self._plan is not None:
             self._plan.remaining = (self.epochs or 0) - self._epoch
         self._prefetch = Prefetcher(
