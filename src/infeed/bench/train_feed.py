@@ -18,6 +18,7 @@ sampled every 10 ms, minus the resident set before it (psutil; omitted when it i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 import threading
 import time
@@ -36,6 +37,7 @@ from infeed.bench.brokers import DEFAULT_BROKERS_FILE, Backend, discover
 from infeed.brokers import Broker, connect
 from infeed.codecs import Field, RecordBatch, Schema, decode_message, default_registry
 from infeed.streams import Producer
+from infeed.types import Capability
 
 if TYPE_CHECKING:  # torch is an extra: imported when a run starts, not with the bench CLI
     import torch
@@ -80,6 +82,7 @@ class _Run:
     rss_peak_bytes: int | None = None
     startup_s: float = 0.0
     checkpoint_each_s: float | None = None
+    cpu_s: float = 0.0  # process CPU time over the clocked span (every thread)
 
     @property
     def rate(self) -> float:
@@ -145,14 +148,14 @@ def _tensors(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> _Run:
     model, opt = _model()
     xs, ys = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
     with _peak_rss() as rss:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         compute = 0.0
         for start in range(0, len(xs), BATCH):
             t = time.perf_counter()
             _step(model, opt, xs[start : start + BATCH], ys[start : start + BATCH])
             compute += time.perf_counter() - t
-        seconds = time.perf_counter() - started
-    return _Run(seconds, len(xs), 0.0, compute, rss[0])
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return _Run(seconds, len(xs), 0.0, compute, rss[0], cpu_s=cpu)
 
 
 def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: Path) -> _Run:
@@ -161,15 +164,14 @@ def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: 
     from infeed.training import QueueDataset, Trainer
 
     model, opt = _model()
-    last = [0.0]
-
-    first = [0.0]
+    last = [0.0, 0.0]  # wall, CPU
+    first = [0.0, 0.0]
     busy = [0.0, 0.0]  # wait, compute: after the first batch (whose wait is the startup)
 
     def on_step(info: StepInfo) -> None:
-        last[0] = time.perf_counter()
+        last[0], last[1] = time.perf_counter(), time.process_time()
         if info.step == 1:
-            first[0] = last[0] - info.compute_s
+            first[0], first[1] = last[0] - info.compute_s, last[1] - info.compute_s
         else:
             busy[0] += info.data_wait_s
         busy[1] += info.compute_s
@@ -188,7 +190,46 @@ def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: 
             )
             result = trainer.fit()
     each = result.checkpoint_s / result.checkpoints if result.checkpoints else None
-    return _Run(last[0] - first[0], result.samples, busy[0], busy[1], rss[0], first[0] - started, each)
+    return _Run(
+        last[0] - first[0],
+        result.samples,
+        busy[0],
+        busy[1],
+        rss[0],
+        first[0] - started,
+        each,
+        last[1] - first[1],
+    )
+
+
+def _infeed_stream(broker: Broker, topic: str, group: str, samples: int) -> _Run:
+    """``QueueDataset`` on a broker without seek: the same steps, no Trainer (it cannot resume exactly)."""
+    from infeed.training import QueueDataset
+
+    model, opt = _model()
+    wait = compute = 0.0
+    with _peak_rss() as rss:
+        started = time.perf_counter()
+        got = 0
+        first = cpu0 = 0.0
+        with QueueDataset(
+            broker, topic, group=group, schema=SCHEMA, batch_size=BATCH, idle_timeout_s=5.0
+        ) as ds:
+            t0 = time.perf_counter()
+            for batch in ds:
+                t1 = time.perf_counter()
+                if not got:
+                    first, cpu0 = t1, time.process_time()
+                else:
+                    wait += t1 - t0
+                _step(model, opt, batch["x"], batch["y"])
+                t0 = time.perf_counter()
+                compute += t0 - t1
+                got += len(batch["y"])
+                if got >= samples:
+                    break
+            seconds, cpu = time.perf_counter() - first, time.process_time() - cpu0
+    return _Run(seconds, got, wait, compute, rss[0], first - started, cpu_s=cpu)
 
 
 def _hand(broker: Broker, topic: str, group: str, samples: int, per_receive: int) -> _Run:
@@ -202,7 +243,7 @@ def _hand(broker: Broker, topic: str, group: str, samples: int, per_receive: int
         started = time.perf_counter()
         consumer = broker.subscribe(topic, group=group, start="earliest")
         got = 0
-        startup = first = 0.0
+        startup = first = cpu0 = 0.0
         xs: list[np.ndarray[Any, Any]] = []
         ys: list[np.ndarray[Any, Any]] = []
         held = 0
@@ -219,7 +260,7 @@ def _hand(broker: Broker, topic: str, group: str, samples: int, per_receive: int
                 x, y = np.concatenate(xs), np.concatenate(ys)
                 t1 = time.perf_counter()
                 if not got:
-                    startup, first = t1 - started, t1
+                    startup, first, cpu0 = t1 - started, t1, time.process_time()
                 else:
                     wait += t1 - t0
                 _step(model, opt, torch.from_numpy(x), torch.from_numpy(y))
@@ -227,13 +268,12 @@ def _hand(broker: Broker, topic: str, group: str, samples: int, per_receive: int
                 compute += t2 - t1
                 got += held
                 xs, ys, held, t0 = [], [], 0, t2
-        seconds = time.perf_counter() - first
+        seconds, cpu = time.perf_counter() - first, time.process_time() - cpu0
         consumer.close()
-    return _Run(seconds, got, wait, compute, rss[0], startup)
+    return _Run(seconds, got, wait, compute, rss[0], startup, cpu_s=cpu)
 
 
 def _fill(broker: Broker, topic: str, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], per: int) -> None:
-    broker.create_topic(topic, partitions=1)
     with Producer(broker, topic, records_per_message=per, messages_per_publish=500) as producer:
         producer.send_batch(RecordBatch({"x": x, "y": y}))
 
@@ -252,6 +292,8 @@ def _measure(
         return _tensors(x, y)
     topic = topics[packing]
     if name.startswith("infeed"):
+        if not broker.supports(Capability.SEEK):
+            return _infeed_stream(broker, topic, group, len(x))
         every = CHECKPOINT_EVERY_STEPS if "ckpt/" in name else None
         return _infeed(broker, topic, group, every, workdir)
     if "one-at-a-time" in name:  # slow everywhere: a shorter run measures its rate as well
@@ -277,36 +319,53 @@ def _bench_backend(
         broker = connect(f"sqlite:///{workdir / run_id}.db")
     else:
         broker = connect(url or "memory://")
+    if not broker.supports(Capability.SEEK):
+        # No exact resume there: the Trainer refuses to checkpoint, so figure 3 has nothing to measure.
+        names = [v for v in names if "ckpt/" not in v]
+        say(f"  {backend.name}: no SEEK: infeed runs QueueDataset without the Trainer; no checkpoint variant")
     runs: dict[str, list[_Run]] = {name: [] for name in names}
+
+    def group_of(rep: int, name: str) -> str:
+        return f"g{rep}-{name.replace(' ', '-').replace('/', '')}"
+
     try:
         topics = {}
         for packing in sorted({VARIANTS[v][0] for v in names} - {0}):
             topics[packing] = f"train-feed-{run_id}-rb{packing}"
+            broker.create_topic(topics[packing], partitions=1)
+            if not broker.supports(Capability.REPLAY):  # a queue routes only to groups that exist
+                for rep in range(repetitions):
+                    for name in names:
+                        if VARIANTS[name][0] == packing:
+                            broker.subscribe(topics[packing], group=group_of(rep, name)).close()
             _fill(broker, topics[packing], x, y, packing)
         say(f"  {backend.name}: {n:,} samples ({steps} steps of {BATCH}) x {repetitions} repetitions")
         _measure("tensors", broker, topics, x[: BATCH * 4], y[: BATCH * 4], "warm", workdir)  # warm-up
         for rep in range(repetitions):
             order = list(names) if rep % 2 == 0 else list(reversed(names))
             for name in order:
-                group = f"g{rep}-{name.replace(' ', '-').replace('/', '')}"
-                runs[name].append(_measure(name, broker, topics, x, y, group, workdir))
+                runs[name].append(_measure(name, broker, topics, x, y, group_of(rep, name), workdir))
         for topic in topics.values():
             with contextlib.suppress(Exception):
                 broker.delete_topic(topic)
     finally:
         broker.close()
     base = [r.rate for r in runs["tensors"]]
+    base_cpu = [r.cpu_s / r.samples * 1e6 for r in runs["tensors"]]
     out: dict[str, dict[str, Any]] = {}
     for name, reps in runs.items():
         rates = [r.rate for r in reps]
         ratios = harness.paired_ratios(rates, base)
         stalls = [r.stall for r in reps if r.stall is not None]
         rss = [r.rss_peak_bytes for r in reps if r.rss_peak_bytes is not None]
+        cpu = [r.cpu_s / r.samples * 1e6 for r in reps]
         out[name] = {
             "description": VARIANTS[name][1],
             "records_per_message": VARIANTS[name][0] or None,
             "samples_per_s": {"reps": rates, **harness.summarize(rates)},
             "ratio_to_tensors": {"reps": ratios, **harness.summarize(ratios)},
+            "cpu_us_per_sample": {"reps": cpu, **harness.summarize(cpu)},
+            "feed_cpu_us_per_sample": harness.summarize([c - b for c, b in zip(cpu, base_cpu, strict=True)]),
             "stall_share": harness.summarize(stalls) if stalls else None,
             "rss_peak_growth_bytes": max(rss) if rss else None,
             "startup_s": harness.summarize([r.startup_s for r in reps]),
@@ -328,6 +387,19 @@ def _bench_backend(
             # over 30 s of training (the run here is too short to hold one every 30 s).
             out[ckpt]["projected_cost_every_30s"] = {k: v / 30.0 for k, v in seconds.items()}
     return out
+
+
+def _modes(
+    chosen: list[tuple[Backend, str | None]], skipped: list[dict[str, str]]
+) -> tuple[list[tuple[Backend, str | None]], list[dict[str, str]]]:
+    """RabbitMQ twice: its queue model (classic queues, no seek) and its stream model."""
+    out: list[tuple[Backend, str | None]] = []
+    for backend, url in chosen:
+        out.append((backend, url))
+        if backend.scheme == "amqp" and url is not None and "queue_type=" not in url:
+            stream = dataclasses.replace(backend, name=f"{backend.name}-stream")
+            out.append((stream, f"{url}{'&' if '?' in url else '?'}queue_type=stream"))
+    return out, skipped
 
 
 def run(
@@ -368,7 +440,7 @@ def run(
     import torch
 
     console = console or harness.wide_console()
-    chosen, skipped = discover(backends, brokers_file)
+    chosen, skipped = _modes(*discover(backends, brokers_file))
     for skip in skipped:
         console.print(f"[yellow]skip[/] {skip['backend']}: {skip['reason']}")
     threads = torch.get_num_threads()
@@ -404,6 +476,9 @@ def run(
             "clock": "from the first batch in hand to the end of the last step (final checkpoint excluded); "
             "startup_s: from before subscribing to the first batch in hand",
             "consumer": "QueueDataset's prefetch thread in the training process",
+            "cpu": "process CPU time (every thread) over the clocked span per sample; +feed: minus the "
+            "paired in-memory run's (what feeding costs; on a loaded machine the rate ratio can only "
+            "be as good as tensors CPU / variant CPU)",
         },
         "machine": info,
         "variants": {name: VARIANTS[name][1] for name in names},
@@ -426,6 +501,7 @@ def _print(data: dict[str, Any], console: Console) -> None:
     for backend, variants in data["results"].items():
         for name, r in variants.items():
             rate, ratio, stall = r["samples_per_s"], r["ratio_to_tensors"], r["stall_share"]
+            cpu, feed = r["cpu_us_per_sample"], r["feed_cpu_us_per_sample"]
             cost = r.get("checkpoint_cost")
             projected = r.get("projected_cost_every_30s")
             rss = r["rss_peak_growth_bytes"]
@@ -437,6 +513,7 @@ def _print(data: dict[str, Any], console: Console) -> None:
                     f"{rate['median']:,.0f} ({rate['min']:,.0f}-{rate['max']:,.0f})",
                     f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})",
                     f"{stall['median']:.1%}" if stall else "-",
+                    f"{cpu['median']:.1f}" + (f" (+{feed['median']:.1f})" if name != "tensors" else ""),
                     f"{cost['median']:+.1%} (30 s: {projected['median']:.2%})" if cost and projected else "-",
                     f"{rss / 2**20:.0f} MiB" if rss is not None else "-",
                     f"{r['startup_s']['median'] * 1000:.0f} ms",
@@ -451,6 +528,7 @@ def _print(data: dict[str, Any], console: Console) -> None:
             "samples/s median (min-max)",
             "÷ tensors",
             "stall",
+            "CPU µs/sample (+feed)",
             "ckpt cost",
             "peak RSS +",
             "startup",

@@ -168,7 +168,25 @@ def _get(impl: Any, queue: str, reply: Any) -> None:
 
 
 def end_offset(broker: RabbitMQBroker, topic: str) -> int:
-    """One past the last offset of ``topic`` now (appends a marker and reads its offset back)."""
+    """One past the last message of ``topic`` now.
+
+    Appends a marker and reads its offset back. Markers take offsets too but are no messages
+    (consumers skip them), so the end is one past the last message before the marker: read back
+    from the marker in windows that double until one holds a message (or the stream's start).
+    """
+    marker = _append_marker(broker, topic)
+    window = 1
+    while True:
+        start = max(0, marker - window)
+        last = _last_message_before(broker, topic, start, marker)
+        if last is not None:
+            return last + 1
+        if start == 0:
+            return 0
+        window *= 2
+
+
+def _append_marker(broker: RabbitMQBroker, topic: str) -> int:
     nonce = uuid.uuid4().hex
 
     def find(chan: Chan) -> int:
@@ -194,6 +212,37 @@ def end_offset(broker: RabbitMQBroker, topic: str) -> int:
         return int(wait(seen, broker.config.timeout_s, "the end-of-stream marker"))
 
     return broker._admin("finding the end of a stream", find)
+
+
+def _last_message_before(broker: RabbitMQBroker, topic: str, start: int, stop: int) -> int | None:
+    """The offset of the last message (not a marker) in ``[start, stop)``; ``stop`` must exist."""
+
+    def scan(chan: Chan) -> int | None:
+        impl = chan.impl
+        done: Future[int | None] = Future()  # completed when the entry at ``stop`` arrives
+        last: list[int] = []
+        chan.close_listeners.append(lambda exc: fail(done, exc))
+
+        def on_message(_ch: Any, method: Any, props: Any, _body: bytes) -> None:
+            impl.basic_ack(method.delivery_tag)
+            headers = props.headers or {}
+            offset = int(headers.get("x-stream-offset", -1))
+            if offset >= stop:
+                resolve(done, last[-1] if last else None)
+            elif offset >= start and H_MARKER not in headers:
+                last[:] = [offset]
+
+        chan.rpc(lambda cb: impl.basic_qos(prefetch_count=100, callback=cb), "qos")
+        chan.rpc(
+            lambda cb: impl.basic_consume(
+                topic, on_message, arguments={"x-stream-offset": start}, callback=cb
+            ),
+            "reading back from the end",
+        )
+        found: int | None = wait(done, broker.config.timeout_s, "the stream up to the end-of-stream marker")
+        return found
+
+    return broker._admin("finding the last message of a stream", scan)
 
 
 def describe_stream(

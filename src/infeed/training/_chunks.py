@@ -165,22 +165,32 @@ def decode_singles(
 
 
 def single_chunk(
-    deliveries: Sequence[Delivery], batch: RecordBatch, keep: Sequence[int], *, keep_deliveries: bool
+    deliveries: Sequence[Delivery],
+    batch: RecordBatch,
+    keep: Sequence[int],
+    *,
+    keep_deliveries: bool,
+    offsets: _Array | None = None,
 ) -> Chunk:
-    """A chunk of the records ``keep`` (indices) of a batch of one-record messages."""
+    """A chunk of the records ``keep`` (indices) of a batch of one-record messages.
+
+    ``offsets`` may give the kept messages' offsets (computed by the caller already).
+    """
     if len(keep) == len(deliveries):
         columns = dict(batch.columns)
         kept = list(deliveries)
     else:
         columns = {name: column[list(keep)] for name, column in batch.columns.items()}
         kept = [deliveries[i] for i in keep]
-    offsets = np.fromiter((d.position.offset for d in kept), dtype=np.int64, count=len(kept))
+    if offsets is None:
+        offsets = np.fromiter((d.position.offset for d in kept), dtype=np.int64, count=len(kept))
+    nbytes = sum(c.nbytes for c in columns.values())
     return Chunk(
         partition=deliveries[0].position.partition,
         columns=columns,
         next_offset=offsets + 1,
         next_record=np.zeros(len(kept), dtype=np.int64),
-        nbytes=sum(len(d.payload) for d in kept),
+        nbytes=nbytes,
         deliveries=tuple(kept) if keep_deliveries else (),
         delivery_ends=tuple(range(1, len(kept) + 1)) if keep_deliveries else (),
     )

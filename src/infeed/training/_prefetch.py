@@ -18,11 +18,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 from infeed.brokers.base import Consumer
 from infeed.codecs import RECORDS_HEADER
+from infeed.codecs.msgpack import MsgpackCodec
 from infeed.errors import LeaseLostError
 from infeed.streams import Received, StreamConsumer
 from infeed.training._chunks import Chunk, build_chunks, decode_batches, decode_singles, single_chunk
+from infeed.training._singles import SingleDecoder
 from infeed.types import Delivery, Position
 
 __all__ = ["ByteQueue", "EpochEnd", "EpochPlan", "Failed", "Idle", "Prefetcher", "StreamEnd", "TapConsumer"]
@@ -223,9 +227,19 @@ class Prefetcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done: dict[int, bool] = {}
+        registry = stream.registry
+        self._singles = (
+            SingleDecoder(stream.schema)
+            if stream.schema is not None
+            and MsgpackCodec.name in registry
+            and isinstance(registry.get(MsgpackCodec.name), MsgpackCodec)
+            else None
+        )
         #: Copies of messages read before in this run, to ack after the next checkpoint (no-seek
         #: brokers only; touched on the thread, or by a command).
         self.redelivered: list[Delivery] = []
+        #: Calls of :meth:`ack_later` that found a lease lost.
+        self.lost_acks = 0
 
     # -- the training thread's side -------------------------------------------------------------
 
@@ -253,6 +267,27 @@ class Prefetcher:
                     self._run_commands()  # the thread ended before it ran the command
                 continue
             return result
+
+    def ack_later(self, deliveries: list[Delivery]) -> None:
+        """Ack ``deliveries`` and the copies read again so far, on the thread; do not wait.
+
+        For brokers without seek, which have no exact resume: messages are acked once all their
+        records have been handed out. A lease lost meanwhile only means the message comes again
+        (and is dropped as read already).
+        """
+
+        def work() -> None:
+            acks, self.redelivered = deliveries + self.redelivered, []
+            if acks:
+                try:
+                    self._tap.ack(acks)
+                except LeaseLostError:
+                    self.lost_acks += 1
+
+        self._commands.append(_Command(work))
+        self.queue.notify()
+        if not self.is_alive():  # the thread ended, or ends before it looks again
+            self._run_commands()
 
     def stop(self) -> None:
         """Stop the thread and wait for it (pending commands run first)."""
@@ -320,11 +355,13 @@ class Prefetcher:
                     return
                 continue
             idle_since = time.monotonic()
-            self._size_receives(raw)
             self._mark_epoch_end(raw)
             chunks = self._single_chunks(raw)
             if chunks is None:
+                self._size_receives(raw)
                 chunks = self._chunks(raw)
+            else:
+                self._per_receive = max(1, min(self._max_messages, self._target_records))
             for chunk in chunks:
                 if not self._put(chunk, chunk.nbytes):
                     return
@@ -363,6 +400,25 @@ class Prefetcher:
         self._last[p] = pos.offset
         return resume.record if resume is not None and pos.offset == resume.offset else 0
 
+    def _admit_all(self, partition: int, offsets: np.ndarray[Any, Any]) -> bool:
+        """Whether :meth:`_admit` would keep every one of these one-record messages, whole.
+
+        True for the usual run of fresh messages in order (and then it records them as read); False
+        sends the caller through :meth:`_admit` one message at a time.
+        """
+        first, last = int(offsets[0]), int(offsets[-1])
+        if len(offsets) > 1 and not bool((offsets[1:] > offsets[:-1]).all()):
+            return False
+        if first <= self._last.get(partition, -1):
+            return False
+        resume = self._resume.get(partition)
+        if resume is not None and (first < resume.offset or (first == resume.offset and resume.record)):
+            return False
+        if self._plan is not None and last >= self._plan.end.get(partition, 0):
+            return False
+        self._last[partition] = last
+        return True
+
     def _settle(self, valid: list[Delivery], covered: list[Delivery]) -> None:
         if self._ack_on_receipt:
             if valid:
@@ -380,14 +436,24 @@ class Prefetcher:
         """
         stream = self._stream
         assert stream.schema is not None
-        decoded = decode_singles(raw, stream.registry, stream.schema)
+        decoded = self._singles.decode(raw) if self._singles is not None else None
+        if decoded is None:
+            decoded = decode_singles(raw, stream.registry, stream.schema)
         if decoded is None:
             return None
         covered: list[Delivery] = []
         out: list[Chunk] = []
         for deliveries, batch in decoded:
-            keep = [i for i, d in enumerate(deliveries) if self._admit(d, covered) == 0]
-            out.append(single_chunk(deliveries, batch, keep, keep_deliveries=not self._ack_on_receipt))
+            offsets = np.fromiter((d.position.offset for d in deliveries), np.int64, len(deliveries))
+            if self._admit_all(deliveries[0].position.partition, offsets):
+                keep: Sequence[int] = range(len(deliveries))
+            else:
+                keep = [i for i, d in enumerate(deliveries) if self._admit(d, covered) == 0]
+                offsets = offsets[list(keep)]
+            chunk = single_chunk(
+                deliveries, batch, keep, offsets=offsets, keep_deliveries=not self._ack_on_receipt
+            )
+            out.append(chunk)
         self._settle(raw, covered)
         return [c for c in out if len(c)]
 

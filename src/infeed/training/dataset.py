@@ -9,12 +9,13 @@ shuffle generator and the epoch bounds; a dataset loaded from it yields the same
 that never stopped (single partition; several partitions interleave in arrival order).
 
 Acks: on brokers that can seek (logs), each message is acked on receipt and the checkpoint plus a
-seek on restore is the truth; elsewhere (queues) a message is acked by :meth:`QueueDataset.commit`
-once a durable checkpoint covers all its records.
+seek on restore is the truth. Brokers without seek (queues) have no exact resume (``state_dict``
+refuses, naming ``SEEK``); a message is acked once all its records have been handed out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -192,8 +193,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             )
             self._stream = StreamConsumer(TapConsumer(consumer), registry=self.codecs, schema=self.schema)
             self._position_at_start()
-        if self._finished or (self._prefetch is not None and self._prefetch.is_alive()):
-            return
+        if self._finished or self._prefetch is not None:
+            return  # a prefetcher that ended still holds what it read (up to the end of the last epoch)
         self._idled = False
         if self._plan is not None:
             self._plan.remaining = (self.epochs or 0) - self._epoch
@@ -300,6 +301,14 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         held = self._held.count
         if held == 0 or (self._held.space > 0 and self.drop_last and held < self.batch_size):
             return None
+        if not self.ack_on_receipt and self._consumed:
+            # No exact resume without seek: ack what was handed out (at least once).
+            consumed, self._consumed = self._consumed, []
+            if self._prefetch is not None:
+                self._prefetch.ack_later(consumed)
+            elif self._stream is not None:
+                with contextlib.suppress(LeaseLostError):
+                    self._stream.consumer.ack(consumed)
         if self._shuffle is not None:
             return self._shuffle.draw(self.batch_size)
         batch = self._held.view()
@@ -399,7 +408,11 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         """Return ``{"meta": JSON-safe dict, "arrays": {field: records held back}}`` (a snapshot).
 
         Save it with :func:`infeed.training.state.encode_state` (JSON + safetensors, no pickle).
+
+        Raises:
+            ValueError: the broker cannot seek (no exact resume point there).
         """
+        self._require_seek()
         plan = self._plan
         meta: dict[str, Any] = {
             "format": STATE_FORMAT,
@@ -423,12 +436,28 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         arrays = {name: array.copy() for name, array in self._held.view().items()}
         return {"meta": meta, "arrays": arrays}
 
+    def _require_seek(self) -> None:
+        """Refuse exact resume on a broker without ``SEEK``.
+
+        Without seek a resume point is only a message's stamp, which need not grow with the
+        queue's order (several producers, clocks), so "before the checkpoint" cannot be told from
+        "not read yet": records could be lost or trained twice.
+        """
+        if not self.broker.supports(Capability.SEEK):
+            raise ValueError(
+                "exact resume (state_dict, checkpoints) needs a broker with the SEEK capability; "
+                f"{type(self.broker).__name__} lacks it here (RabbitMQ's queue model: use "
+                "queue_type=stream, which can seek and commit offsets)"
+            )
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from a :meth:`state_dict` (before iterating).
 
         Raises:
-            ValueError: the state is of another topic, schema or shuffle size, or iteration began.
+            ValueError: the state is of another topic, schema or shuffle size, iteration began, or
+                the broker cannot seek.
         """
+        self._require_seek()
         if self._stream is not None:
             raise ValueError("load_state_dict() must come before the dataset is iterated or opened")
         meta, arrays = state["meta"], state["arrays"]
