@@ -373,19 +373,18 @@ def test_a_queue_without_seek_refuses_exact_resume_naming_the_capability(tmp_pat
             QueueDataset(broker, topic, group="g", schema=SCHEMA, batch_size=BATCH, epochs=1)
         with QueueDataset(broker, topic, group="g", schema=SCHEMA, batch_size=BATCH, idle_timeout_s=2) as ds:
             model = make_model()
-            trainer = Trainer(
-                model,
-                torch.optim.Adam(model.parameters(), lr=1e-3),
-                torch.nn.functional.cross_entropy,
-                ds,
-                checkpoint_dir=tmp_path / "ckpt",
-                checkpoint_every_steps=1,
-                events_topic=None,
-            )
             with pytest.raises(
                 ValueError, match=r"needs a broker with the SEEK capability.*queue_type=stream"
             ):
-                trainer.fit()
+                Trainer(
+                    model,
+                    torch.optim.Adam(model.parameters(), lr=1e-3),
+                    torch.nn.functional.cross_entropy,
+                    ds,
+                    checkpoint_dir=tmp_path / "ckpt",
+                    checkpoint_every_steps=1,
+                    events_topic=None,
+                )
         assert not (tmp_path / "ckpt" / "LATEST").exists()
         broker.delete_topic(topic)
 

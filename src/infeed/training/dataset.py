@@ -412,7 +412,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         Raises:
             ValueError: the broker cannot seek (no exact resume point there).
         """
-        self._require_seek()
+        self.require_seek()
         plan = self._plan
         meta: dict[str, Any] = {
             "format": STATE_FORMAT,
@@ -436,12 +436,15 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         arrays = {name: array.copy() for name, array in self._held.view().items()}
         return {"meta": meta, "arrays": arrays}
 
-    def _require_seek(self) -> None:
-        """Refuse exact resume on a broker without ``SEEK``.
+    def require_seek(self) -> None:
+        """Refuse exact resume (checkpoints, ``state_dict``) on a broker without ``SEEK``.
 
         Without seek a resume point is only a message's stamp, which need not grow with the
         queue's order (several producers, clocks), so "before the checkpoint" cannot be told from
         "not read yet": records could be lost or trained twice.
+
+        Raises:
+            ValueError: the broker lacks ``SEEK``, naming it and what to use instead.
         """
         if not self.broker.supports(Capability.SEEK):
             raise ValueError(
@@ -457,7 +460,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             ValueError: the state is of another topic, schema or shuffle size, iteration began, or
                 the broker cannot seek.
         """
-        self._require_seek()
+        self.require_seek()
         if self._stream is not None:
             raise ValueError("load_state_dict() must come before the dataset is iterated or opened")
         meta, arrays = state["meta"], state["arrays"]

@@ -208,6 +208,7 @@ class Trainer:
         for name, limit in (("max_samples", max_samples), ("max_steps", max_steps)):
             if limit is not None and limit < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {limit}")
+        dataset.require_seek()  # checkpoints are exact resume points: refuse before training
         if registry is not None and (not model_name or not model_factory):
             raise ValueError(
                 "publishing to a registry needs model_name and model_factory ('module:function')"
