@@ -97,3 +97,15 @@ def test_other_codecs_and_record_batches_are_left_to_the_general_path() -> None:
     payload, headers = encode_message(MsgpackCodec(), batch)
     assert decoder.decode([Delivery(payload, None, headers, Position("t", 0, 0), 1, 0.0, None)]) is None
     assert decoder.decode([]) == []
+
+
+def test_offsets_too_big_for_int64_stay_exact() -> None:
+    """Pulsar packs a message id into one offset (ledger << 64 | ...): beyond int64, kept exact."""
+    from infeed.training._chunks import offsets_array
+
+    small = offsets_array([1, 2, 3])
+    assert small.dtype == np.int64
+    huge = [7 << 64 | 5 << 20, 7 << 64 | 6 << 20]
+    out = offsets_array(huge)
+    assert [int(v) for v in out + 1] == [h + 1 for h in huge]
+    assert offsets_array([]).dtype == np.int64

@@ -64,13 +64,24 @@ class Chunk:
         return len(self.next_offset)
 
 
+#: Offsets at or above this do not fit int64 (Pulsar packs a message id into one offset).
+_INT64_LIMIT = 2**63 - 1
+
+
+def offsets_array(offsets: Sequence[int]) -> _Array:
+    """Offsets as an int64 array, or an object array where one (plus one) is too big for int64."""
+    if offsets and max(offsets) >= _INT64_LIMIT:
+        return np.array(offsets, dtype=object)
+    return np.fromiter(offsets, dtype=np.int64, count=len(offsets))
+
+
 def _positions(item: Received, skip: int) -> tuple[_Array, _Array, int]:
     """Next offsets and record indices of ``item``'s records, and how many leading ones to skip."""
     n = len(item.batch)
     index = np.arange(n, dtype=np.int64) if item.indices is None else np.asarray(item.indices, np.int64)
     first = int(np.searchsorted(index, skip)) if skip else 0
     offset = item.delivery.position.offset
-    next_offset = np.full(n, offset, dtype=np.int64)
+    next_offset = np.full(n, offset, dtype=np.int64 if offset < _INT64_LIMIT else object)
     next_record = index + 1
     if n:
         next_offset[-1], next_record[-1] = offset + 1, 0
@@ -183,7 +194,7 @@ def single_chunk(
         columns = {name: column[list(keep)] for name, column in batch.columns.items()}
         kept = [deliveries[i] for i in keep]
     if offsets is None:
-        offsets = np.fromiter((d.position.offset for d in kept), dtype=np.int64, count=len(kept))
+        offsets = offsets_array([d.position.offset for d in kept])
     nbytes = sum(c.nbytes for c in columns.values())
     return Chunk(
         partition=deliveries[0].position.partition,

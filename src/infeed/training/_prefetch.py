@@ -25,7 +25,14 @@ from infeed.codecs import RECORDS_HEADER
 from infeed.codecs.msgpack import MsgpackCodec
 from infeed.errors import LeaseLostError
 from infeed.streams import Received, StreamConsumer
-from infeed.training._chunks import Chunk, build_chunks, decode_batches, decode_singles, single_chunk
+from infeed.training._chunks import (
+    Chunk,
+    build_chunks,
+    decode_batches,
+    decode_singles,
+    offsets_array,
+    single_chunk,
+)
 from infeed.training._singles import SingleDecoder
 from infeed.types import Delivery, Position
 
@@ -444,7 +451,7 @@ class Prefetcher:
         covered: list[Delivery] = []
         out: list[Chunk] = []
         for deliveries, batch in decoded:
-            offsets = np.fromiter((d.position.offset for d in deliveries), np.int64, len(deliveries))
+            offsets = offsets_array([d.position.offset for d in deliveries])
             if self._admit_all(deliveries[0].position.partition, offsets):
                 keep: Sequence[int] = range(len(deliveries))
             else:
