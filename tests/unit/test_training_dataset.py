@@ -14,7 +14,7 @@ from infeed.brokers.memory import MemoryBroker
 from infeed.codecs import Field, MsgpackCodec, RecordBatch, Schema, encode_message
 from infeed.streams import Producer
 from infeed.training import QueueDataset
-from infeed.training._prefetch import ByteQueue, Idle
+from infeed.training._prefetch import ByteQueue, Idle, Prefetcher
 from infeed.training.state import decode_state, encode_state
 from infeed.types import Capability
 
@@ -97,7 +97,7 @@ def test_batches_read_ahead_by_a_prefetcher_that_ended_are_still_yielded() -> No
     with dataset(filled(95, 7)) as ds:
         ds.open()
         prefetch = ds._prefetch
-        assert prefetch is not None
+        assert isinstance(prefetch, Prefetcher)
         assert prefetch._thread is not None
         prefetch._thread.join(timeout=30)  # it ends by itself after the last epoch
         assert not prefetch.is_alive() and prefetch.queue.nbytes > 0

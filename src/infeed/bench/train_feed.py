@@ -10,9 +10,10 @@ checkpoint every ``CHECKPOINT_EVERY_STEPS`` steps ÷ one with a checkpoint only 
 
 A run's clock starts when the first batch is in hand and stops after the last step (the Trainer's
 final checkpoint is not counted; intermediate ones are): steady-state training. The time from
-before subscribing to the first batch is reported apart as ``startup_s``. Stall share is the time steps
-waited for data ÷ (waiting + compute). Peak RSS is the process's resident set during the run,
-sampled every 10 ms, minus the resident set before it (psutil; omitted when it is missing).
+before subscribing to the first batch is reported apart as ``startup_s``. Stall share is the time
+steps waited for data ÷ (waiting + compute). Peak RSS is the resident set of the process and its
+children (a dataset's feed process) during the run, sampled every 10 ms, minus the resident set
+before it (psutil; omitted when it is missing). CPU per sample counts the feed process too.
 """
 
 from __future__ import annotations
@@ -62,12 +63,14 @@ SCHEMA = Schema({"x": Field("float32", (784,)), "y": Field("int64")})
 VARIANTS: dict[str, tuple[int, str]] = {
     "tensors": (0, "the same loop over tensors already in memory (the baseline)"),
     "infeed rb64": (64, "QueueDataset + Trainer, record batches of 64, checkpoint at the end"),
+    "infeed rb64 thread": (64, "as infeed rb64, the prefetch thread in the training process"),
     f"infeed rb64 ckpt/{CHECKPOINT_EVERY_STEPS}": (
         64,
         f"as infeed rb64, plus a checkpoint every {CHECKPOINT_EVERY_STEPS} steps (figure 3)",
     ),
     "hand poll rb64": (64, "hand-written: receive 4 messages, decode, concatenate, step, ack"),
     "infeed rb1": (1, "QueueDataset + Trainer, one record per message"),
+    "infeed rb1 thread": (1, "as infeed rb1, the prefetch thread in the training process"),
     "hand poll rb1": (1, "hand-written: receive 256 messages, decode each, stack, step, ack"),
     "hand one-at-a-time rb1": (1, "hand-written: receive and decode one message at a time, ack each"),
 }
@@ -104,13 +107,21 @@ def _peak_rss() -> Iterator[list[int | None]]:
         yield out
         return
     proc = psutil.Process()
-    start = peak = proc.memory_info().rss
+
+    def rss() -> int:  # this process and its children (a dataset's feed process)
+        total = proc.memory_info().rss
+        for child in proc.children():
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
+
+    start = peak = rss()
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.wait(0.01):
-            peak = max(peak, proc.memory_info().rss)
+            peak = max(peak, rss())
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -119,7 +130,7 @@ def _peak_rss() -> Iterator[list[int | None]]:
     finally:
         stop.set()
         thread.join()
-        out[0] = max(peak, proc.memory_info().rss) - start
+        out[0] = max(peak, rss()) - start
 
 
 def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -158,18 +169,19 @@ def _tensors(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> _Run:
     return _Run(seconds, len(xs), 0.0, compute, rss[0], cpu_s=cpu)
 
 
-def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: Path) -> _Run:
+def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: Path, feed: str) -> _Run:
     import torch
 
     from infeed.training import QueueDataset, Trainer
 
     model, opt = _model()
-    last = [0.0, 0.0]  # wall, CPU
+    last = [0.0, 0.0]  # wall, CPU (this process plus its feed process)
     first = [0.0, 0.0]
     busy = [0.0, 0.0]  # wait, compute: after the first batch (whose wait is the startup)
+    datasets: list[QueueDataset] = []
 
     def on_step(info: StepInfo) -> None:
-        last[0], last[1] = time.perf_counter(), time.process_time()
+        last[0], last[1] = time.perf_counter(), time.process_time() + datasets[0].feed_cpu_s()
         if info.step == 1:
             first[0], first[1] = last[0] - info.compute_s, last[1] - info.compute_s
         else:
@@ -178,7 +190,10 @@ def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: 
 
     with _peak_rss() as rss:
         started = time.perf_counter()
-        with QueueDataset(broker, topic, group=group, schema=SCHEMA, batch_size=BATCH, epochs=1) as ds:
+        with QueueDataset(
+            broker, topic, group=group, schema=SCHEMA, batch_size=BATCH, epochs=1, feed=feed
+        ) as ds:
+            datasets.append(ds)
             trainer = Trainer(
                 model,
                 opt,
@@ -295,7 +310,7 @@ def _measure(
         if not broker.supports(Capability.SEEK):
             return _infeed_stream(broker, topic, group, len(x))
         every = CHECKPOINT_EVERY_STEPS if "ckpt/" in name else None
-        return _infeed(broker, topic, group, every, workdir)
+        return _infeed(broker, topic, group, every, workdir, "thread" if name.endswith("thread") else "auto")
     if "one-at-a-time" in name:  # slow everywhere: a shorter run measures its rate as well
         return _hand(broker, topic, group, min(len(x), ONE_AT_A_TIME_STEPS * BATCH), 1)
     return _hand(broker, topic, group, len(x), BATCH // packing)
@@ -475,8 +490,11 @@ def run(
             "order": "variants alternate direction each repetition; ratios pair each run with its baseline",
             "clock": "from the first batch in hand to the end of the last step (final checkpoint excluded); "
             "startup_s: from before subscribing to the first batch in hand",
-            "consumer": "QueueDataset's prefetch thread in the training process",
-            "cpu": "process CPU time (every thread) over the clocked span per sample; +feed: minus the "
+            "consumer": "QueueDataset's prefetch thread in a feed process where the broker allows it "
+            "(a log that several processes may share), else in the training process; the 'thread' "
+            "variants keep it in the training process everywhere",
+            "cpu": "CPU time of the process (every thread) and of its feed process over the clocked span "
+            "per sample; +feed: minus the "
             "paired in-memory run's (what feeding costs; on a loaded machine the rate ratio can only "
             "be as good as tensors CPU / variant CPU)",
         },

@@ -107,4 +107,6 @@ def connect(url: str | None = None) -> Broker:
     scheme = urlsplit(url).scheme
     if not scheme or "://" not in url:
         raise ConfigError(f"broker URL {url!r} has no scheme; expected e.g. {DEFAULT_BROKER_URL}")
-    return backend_class(scheme.lower()).from_url(url)
+    broker = backend_class(scheme.lower()).from_url(url)
+    broker.url = url
+    return broker

@@ -259,6 +259,9 @@ class Broker(abc.ABC):
 
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
+        #: The URL it was opened from by :func:`infeed.brokers.connect` (None when built directly):
+        #: what another process needs to open the same broker.
+        self.url: str | None = None
 
     @classmethod
     @abc.abstractmethod

@@ -21,7 +21,9 @@ Errors (``infeed.errors``): ``QueueFull`` (refused at once), ``InferenceError`` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from infeed._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from infeed.inference.aio import AsyncClient
@@ -78,15 +80,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'infeed.inference' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"infeed.inference.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, {name: f"{__name__}.{home}" for name, home in _WHERE.items()})
 
 
 __all__ = [

@@ -50,6 +50,8 @@ class Chunk:
         deliveries: the messages whose records end in this chunk (acked after a checkpoint on
             brokers without seek; empty elsewhere).
         delivery_ends: per delivery, the chunk index one past its last record.
+        ring_end: for a chunk whose arrays live in a feed process's shared ring, the ring position
+            to release once its records are copied out (None elsewhere).
     """
 
     partition: int
@@ -59,6 +61,7 @@ class Chunk:
     nbytes: int
     deliveries: tuple[Delivery, ...] = ()
     delivery_ends: tuple[int, ...] = ()
+    ring_end: int | None = None
 
     def __len__(self) -> int:
         return len(self.next_offset)

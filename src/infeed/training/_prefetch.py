@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,7 +36,18 @@ from infeed.training._chunks import (
 from infeed.training._singles import SingleDecoder
 from infeed.types import Delivery, Position
 
-__all__ = ["ByteQueue", "EpochEnd", "EpochPlan", "Failed", "Idle", "Prefetcher", "StreamEnd", "TapConsumer"]
+__all__ = [
+    "ByteQueue",
+    "EpochEnd",
+    "EpochPlan",
+    "Failed",
+    "Idle",
+    "Item",
+    "Prefetcher",
+    "Sink",
+    "StreamEnd",
+    "TapConsumer",
+]
 
 T = TypeVar("T")
 
@@ -73,6 +84,18 @@ class EpochPlan:
     start: dict[int, int]
     end: dict[int, int]
     remaining: int
+
+
+class Sink(Protocol):
+    """Where the prefetch thread puts what it read: a :class:`ByteQueue`, or a feed process's pipe."""
+
+    def put(self, item: Item, nbytes: int, *, wake: Callable[[], bool]) -> bool:
+        """Pass ``item`` on, waiting while there is no room; give up (False) once ``wake()`` is true."""
+        ...
+
+    def notify(self) -> None:
+        """Wake a waiting ``put`` so it re-checks its ``wake`` condition."""
+        ...
 
 
 class ByteQueue:
@@ -199,6 +222,7 @@ class Prefetcher:
             at a time, so that the thread works in small bursts beside the training step).
         poll_s: receive timeout (the longest a command waits while nothing arrives).
         idle_timeout_s: stop with :class:`Idle` after this long without a message (None: never).
+        sink: where items go (default: :attr:`queue`, which the training thread reads).
     """
 
     def __init__(
@@ -214,6 +238,7 @@ class Prefetcher:
         target_records: int,
         poll_s: float,
         idle_timeout_s: float | None,
+        sink: Sink | None = None,
     ) -> None:
         if not isinstance(stream.consumer, TapConsumer):
             raise TypeError("the prefetcher's StreamConsumer must wrap a TapConsumer")
@@ -230,6 +255,7 @@ class Prefetcher:
         self._poll_s = poll_s
         self._idle_timeout_s = idle_timeout_s
         self.queue = ByteQueue(capacity_bytes)
+        self._sink: Sink = self.queue if sink is None else sink
         self._commands: deque[_Command] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -265,7 +291,7 @@ class Prefetcher:
             return fn()
         command = _Command(fn)
         self._commands.append(command)
-        self.queue.notify()
+        self._sink.notify()
         while True:
             try:
                 result: T = command.future.result(timeout=0.1)
@@ -292,14 +318,14 @@ class Prefetcher:
                     self.lost_acks += 1
 
         self._commands.append(_Command(work))
-        self.queue.notify()
+        self._sink.notify()
         if not self.is_alive():  # the thread ended, or ends before it looks again
             self._run_commands()
 
     def stop(self) -> None:
         """Stop the thread and wait for it (pending commands run first)."""
         self._stop.set()
-        self.queue.notify()
+        self._sink.notify()
         if self._thread is not None:
             self._thread.join()
         self._run_commands()
@@ -319,7 +345,7 @@ class Prefetcher:
         return self._stop.is_set()
 
     def _put(self, item: Item, nbytes: int = 0) -> bool:
-        return self.queue.put(item, nbytes, wake=self._wake)
+        return self._sink.put(item, nbytes, wake=self._wake)
 
     def _run(self) -> None:
         try:

@@ -2,10 +2,13 @@
 
 Batches hold exactly ``batch_size`` records (the last one of a finished stream may hold fewer),
 cut from the record stream whatever the packing of records into messages and whenever they
-arrived. A background thread (``_prefetch``) receives and decodes ahead into a queue bounded in
-bytes. ``state_dict()`` holds, per partition, the position of the next record to read (message
-offset + record index), the records held back (a partial batch, or the shuffle buffer), the
-shuffle generator and the epoch bounds; a dataset loaded from it yields the same batches as one
+arrived. A prefetch thread (``_prefetch``) receives and decodes ahead into a queue bounded in
+bytes; where the broker allows, it runs in a feed process of its own (``_feed``), on another core
+than the training step, handing over records through shared memory.
+
+``state_dict()`` holds, per partition, the position of the next record to read (message offset +
+record index), the records held back (a partial batch, or the shuffle buffer), the shuffle
+generator and the epoch bounds; a dataset loaded from it yields the same batches as one
 that never stopped (single partition; several partitions interleave in arrival order).
 
 Acks: on brokers that can seek (logs), each message is acked on receipt and the checkpoint plus a
@@ -32,12 +35,15 @@ from infeed.errors import LeaseLostError
 from infeed.streams import StreamConsumer
 from infeed.training._chunks import Chunk
 from infeed.training._collate import Columns, to_tensors
+from infeed.training._feed import ProcessFeed
 from infeed.training._prefetch import EpochEnd, EpochPlan, Failed, Idle, Prefetcher, StreamEnd, TapConsumer
 from infeed.training._shuffle import ShuffleBuffer
+from infeed.training._start import position_at_start
 from infeed.training.state import STATE_FORMAT, decode_positions, encode_positions
 from infeed.types import Capability, Delivery, Position
 
 __all__ = [
+    "DEFAULT_FEED",
     "DEFAULT_MAX_MESSAGES",
     "DEFAULT_POLL_S",
     "DEFAULT_PREFETCH_BYTES",
@@ -50,6 +56,10 @@ DEFAULT_PREFETCH_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_MESSAGES = 256
 #: Receive timeout of the prefetch thread: the longest a commit waits while nothing arrives.
 DEFAULT_POLL_S = 0.05
+#: Where the prefetch thread runs: "process" where the broker allows (see ``QueueDataset``), else
+#: "thread".
+DEFAULT_FEED = "auto"
+_FEEDS = ("auto", "process", "thread")
 
 T = TypeVar("T")
 _Array = np.ndarray[Any, Any]
@@ -60,6 +70,10 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     Use it as a context manager (or call :meth:`close`), and iterate it in the training process:
     it runs its own prefetch thread, so wrap it as ``DataLoader(ds, batch_size=None)`` if at all.
+
+    The prefetch thread runs in a feed process (a child of this one, which exits with it) when the
+    broker was opened from a URL, can seek, may be shared by several processes, and the default
+    codecs are used; otherwise in this process.
 
     Args:
         broker: a broker URL, or a broker object (not closed by the dataset).
@@ -79,10 +93,12 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         idle_timeout_s: end an iteration after this long without a message (None: wait forever).
         dead_letter_topic: where poison goes (default ``TOPIC.dlq``).
         codecs: codecs the messages may use (default msgpack + json).
+        feed: where the prefetch thread runs: "process", "thread", or "auto" (a process where the
+            broker allows it).
 
     Raises:
-        ValueError: a bad size or count, a str field in the schema, or ``epochs`` on a broker that
-            cannot replay.
+        ValueError: a bad size or count, a str field in the schema, ``epochs`` on a broker that
+            cannot replay, or ``feed="process"`` where the broker does not allow it.
     """
 
     def __init__(
@@ -104,7 +120,10 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         idle_timeout_s: float | None = None,
         dead_letter_topic: str | None = None,
         codecs: CodecRegistry | None = None,
+        feed: str = DEFAULT_FEED,
     ) -> None:
+        if feed not in _FEEDS:
+            raise ValueError(f"feed must be one of {', '.join(_FEEDS)}; got {feed!r}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if epochs is not None and epochs <= 0:
@@ -117,6 +136,13 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             raise ValueError(f"idle_timeout_s must be > 0 or None, got {idle_timeout_s}")
         self._owns_broker = isinstance(broker, str)
         self.broker: Broker = connect(broker) if isinstance(broker, str) else broker
+        no_process = self._no_process(codecs)
+        if feed == "process" and no_process is not None:
+            if self._owns_broker:
+                self.broker.close()
+            raise ValueError(f"feed='process' is not possible here: {no_process}; use feed='thread'")
+        #: Where the prefetch thread runs: "process" or "thread".
+        self.feed = "process" if no_process is None and feed != "thread" else "thread"
         if epochs is not None and not (
             self.broker.supports(Capability.REPLAY) and self.broker.supports(Capability.SEEK)
         ):
@@ -162,7 +188,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         #: Acks after a checkpoint that came too late (the message comes again and is dropped).
         self.lost_acks = 0
         self._stream: StreamConsumer | None = None
-        self._prefetch: Prefetcher | None = None
+        self._remote: ProcessFeed | None = None
+        self._prefetch: Prefetcher | ProcessFeed | None = None
         self._pending: deque[Chunk] = deque()
         self._cursor = 0
         self._dcursor = 0
@@ -175,6 +202,18 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
     def _new_held(self) -> Columns:
         return Columns(self.schema, self.batch_size)
 
+    def _no_process(self, codecs: CodecRegistry | None) -> str | None:
+        """Why the prefetch thread cannot run in a feed process here (None: it can)."""
+        broker = self.broker
+        for capability in (Capability.SEEK, Capability.MULTI_PROCESS):
+            if not broker.supports(capability):
+                return f"{type(broker).__name__} lacks {capability.name}"
+        if broker.url is None:
+            return "the broker object was not opened from a URL (use infeed.brokers.connect)"
+        if codecs is not None:
+            return "custom codecs cannot be handed to another process"
+        return None
+
     def open(self) -> None:
         """Join the group, seek to the resume positions and start the prefetch thread (idempotent).
 
@@ -183,6 +222,9 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         """
         if self._closed:
             raise ValueError("this QueueDataset is closed")
+        if self.feed == "process":
+            self._open_process()
+            return
         if self._stream is None:
             consumer = self.broker.subscribe(
                 self.topic,
@@ -214,24 +256,48 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     def _position_at_start(self) -> None:
         assert self._stream is not None
-        tap = self._stream.consumer
-        if not self.broker.supports(Capability.SEEK):
-            return
-        info = self.broker.describe_topic(self.topic)
-        parts = self.partitions if self.partitions is not None else range(len(info.partitions))
-        extent = {p: info.partitions[p] for p in parts}
-        if not self._next:
-            committed = tap.committed() if self.broker.supports(Capability.OFFSET_COMMIT) else {}
-            self._next = {p: committed.get(p, Position(self.topic, p, extent[p].low)) for p in parts}
-        for p in parts:
-            self._next.setdefault(p, Position(self.topic, p, extent[p].low))
-        tap.seek([Position(self.topic, p, pos.offset) for p, pos in self._next.items()])
-        if self.epochs is not None and self._plan is None:
-            self._plan = EpochPlan(
-                start={p: e.low for p, e in extent.items()},
-                end={p: e.high for p, e in extent.items()},
-                remaining=self.epochs - self._epoch,
+        self._next, self._plan = position_at_start(
+            self.broker,
+            self._stream.consumer,
+            self.topic,
+            partitions=self.partitions,
+            resume=self._next,
+            plan=self._plan,
+            epochs=self.epochs,
+            epoch=self._epoch,
+        )
+
+    def _open_process(self) -> None:
+        if self._remote is None:
+            assert self.broker.url is not None
+            remote = ProcessFeed(
+                self.broker.url,
+                topic=self.topic,
+                group=self.group,
+                schema=self.schema,
+                partitions=self.partitions,
+                dead_letter_topic=self.dead_letter_topic,
+                capacity_bytes=self.prefetch_bytes,
+                max_messages=self.max_messages,
+                target_records=4 * self.batch_size,
+                poll_s=self.poll_s,
+                idle_timeout_s=self.idle_timeout_s,
             )
+            try:
+                self._next, self._plan = remote.open(
+                    resume=self._next, plan=self._plan, epochs=self.epochs, epoch=self._epoch
+                )
+            except BaseException:
+                remote.stop()
+                raise
+            self._remote = remote
+        if self._finished or self._prefetch is not None:
+            return
+        self._idled = False
+        if self._plan is not None:
+            self._plan.remaining = (self.epochs or 0) - self._epoch
+        self._remote.run(resume=self._next, plan=self._plan)
+        self._prefetch = self._remote
 
     def close(self) -> None:
         """Stop the prefetch thread and leave the group (idempotent)."""
@@ -240,6 +306,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._closed = True
         if self._prefetch is not None:
             self._prefetch.stop()
+        if self._remote is not None:
+            self._remote.stop()
         if self._stream is not None:
             self._stream.close()
         if self._owns_broker:
@@ -282,7 +350,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         """
         if get_worker_info() is not None:
             raise RuntimeError("QueueDataset must be polled in the training process")
-        if self._stream is None or self._prefetch is None:
+        if self._prefetch is None:
             self.open()  # not while a finished prefetch thread's queue still holds records
         batch = self._next_batch(time.monotonic() + timeout_s)
         if batch is None:
@@ -304,7 +372,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         if not self.ack_on_receipt and self._consumed:
             # No exact resume without seek: ack what was handed out (at least once).
             consumed, self._consumed = self._consumed, []
-            if self._prefetch is not None:
+            if isinstance(self._prefetch, Prefetcher):
                 self._prefetch.ack_later(consumed)
             elif self._stream is not None:
                 with contextlib.suppress(LeaseLostError):
@@ -375,6 +443,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             if b >= len(chunk):
                 self._pending.popleft()
                 self._cursor = self._dcursor = 0
+                if chunk.ring_end is not None and self._remote is not None:
+                    self._remote.release(chunk.ring_end)
             else:
                 self._cursor = b
         return True
@@ -399,10 +469,17 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         """Whether the last epoch has ended."""
         return self._finished
 
+    def feed_cpu_s(self) -> float:
+        """CPU seconds the feed process has used so far (0.0 when the prefetch thread runs here)."""
+        return self._remote.cpu_s() if self._remote is not None else 0.0
+
     @property
     def dead_lettered(self) -> int:
         """Messages and records sent to the dead-letter topic (counted as they are read ahead)."""
-        return self._dead_lettered_before + (self._stream.dead_lettered if self._stream is not None else 0)
+        now = self._stream.dead_lettered if self._stream is not None else 0
+        if self._remote is not None:
+            now += self._remote.dead_lettered
+        return self._dead_lettered_before + now
 
     def state_dict(self) -> dict[str, Any]:
         """Return ``{"meta": JSON-safe dict, "arrays": {field: records held back}}`` (a snapshot).
@@ -461,7 +538,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
                 the broker cannot seek.
         """
         self.require_seek()
-        if self._stream is not None:
+        if self._stream is not None or self._remote is not None:
             raise ValueError("load_state_dict() must come before the dataset is iterated or opened")
         meta, arrays = state["meta"], state["arrays"]
         if meta.get("format") != STATE_FORMAT:
@@ -502,7 +579,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
     # -- broker side ----------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], T]) -> T:
-        return self._prefetch.call(fn) if self._prefetch is not None else fn()
+        return self._prefetch.call(fn) if isinstance(self._prefetch, Prefetcher) else fn()
 
     def commit(self, state: Mapping[str, Any]) -> None:
         """Tell the broker that everything before ``state``'s positions is done.
@@ -511,10 +588,13 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         the broker has offset commits) and, on brokers without seek, acks every message whose
         records the state covers.
         """
+        positions = decode_positions(state["meta"]["positions"])
+        if self._remote is not None:
+            self._remote.commit(positions)
+            return
         stream = self._stream
         if stream is None:
             return
-        positions = decode_positions(state["meta"]["positions"])
 
         def covered(d: Delivery) -> bool:
             pos = positions.get(d.position.partition)
@@ -522,7 +602,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
 
         done = [d for d in self._consumed if covered(d)]
         self._consumed = [d for d in self._consumed if not covered(d)]
-        prefetch = self._prefetch
+        prefetch = self._prefetch if isinstance(self._prefetch, Prefetcher) else None
         tap = stream.consumer
 
         def work() -> None:
