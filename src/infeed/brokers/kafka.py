@@ -71,6 +71,7 @@ from infeed.brokers.base import (
     check_headers,
     check_payload,
     check_topic_name,
+    check_trim_limits,
     normalize_key,
 )
 from infeed.errors import BrokerError, ConfigError
@@ -405,10 +406,7 @@ class KafkaBroker(Broker):
         Raises:
             TopicNotFoundError: if there is no such topic.
         """
-        if max_age_s is not None and not max_age_s >= 0:
-            raise ValueError(f"max_age_s must be >= 0, got {max_age_s}")
-        if max_messages is not None and max_messages < 0:
-            raise ValueError(f"max_messages must be >= 0, got {max_messages}")
+        check_trim_limits(max_age_s=max_age_s, max_messages=max_messages)
         self._check_open()
         return self._admin.trim(topic, committed=committed, max_age_s=max_age_s, max_messages=max_messages)
 

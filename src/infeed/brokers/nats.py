@@ -55,6 +55,7 @@ from infeed.brokers.base import (
     check_headers,
     check_payload,
     check_topic_name,
+    check_trim_limits,
     dead_letter_headers,
     default_dead_letter_topic,
     normalize_key,
@@ -344,10 +345,7 @@ class NATSBroker(Broker):
         Raises:
             TopicNotFoundError: if there is no such topic.
         """
-        if max_age_s is not None and not max_age_s >= 0:
-            raise ValueError(f"max_age_s must be >= 0, got {max_age_s}")
-        if max_messages is not None and max_messages < 0:
-            raise ValueError(f"max_messages must be >= 0, got {max_messages}")
+        check_trim_limits(max_age_s=max_age_s, max_messages=max_messages)
         return self._run(self._topics.trim(topic, committed, max_age_s, max_messages))
 
     # -- publish ------------------------------------------------------------------------------

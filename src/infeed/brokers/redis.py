@@ -56,6 +56,7 @@ from infeed.brokers.base import (
     check_headers,
     check_payload,
     check_topic_name,
+    check_trim_limits,
     normalize_key,
     partition_for_key,
 )
@@ -444,8 +445,7 @@ class RedisBroker(Broker):
         Raises:
             TopicNotFoundError: if there is no such topic.
         """
-        if max_messages is not None and max_messages < 0:
-            raise ValueError(f"max_messages must be >= 0, got {max_messages}")
+        check_trim_limits(max_messages=max_messages)
         n = self._partitions(topic, create=False)
         keys = [self._keys.commits(topic), *self._keys.streams(topic, n)]
         args = ["1" if committed else "0", "" if max_messages is None else max_messages]

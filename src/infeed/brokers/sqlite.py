@@ -42,6 +42,7 @@ from infeed.brokers.base import (
     check_headers,
     check_payload,
     check_topic_name,
+    check_trim_limits,
     dead_letter_headers,
     normalize_key,
 )
@@ -256,10 +257,7 @@ class SQLiteBroker(Broker):
         Raises:
             TopicNotFoundError: if there is no such topic.
         """
-        if max_age_s is not None and not max_age_s >= 0:
-            raise ValueError(f"max_age_s must be >= 0, got {max_age_s}")
-        if max_messages is not None and max_messages < 0:
-            raise ValueError(f"max_messages must be >= 0, got {max_messages}")
+        check_trim_limits(max_age_s=max_age_s, max_messages=max_messages)
         with self._db.tx() as conn:
             return self._trim(
                 conn, topic, committed=committed, max_age_s=max_age_s, max_messages=max_messages
