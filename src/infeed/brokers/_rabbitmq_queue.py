@@ -204,18 +204,15 @@ class QueueConsumer(Consumer):
             raise ValueError(f"max_messages must be > 0, got {max_messages}")
         self._check_open()
         deadline = time.monotonic() + max(0.0, timeout_s)
-        failures = 0
-        with io.map_errors(self._b.config.url):
-            while True:
-                state = self._channel()
-                try:
-                    return self._receive(state, min(max_messages, _MAX_PREFETCH), deadline)
-                except Exception as exc:
-                    if not io.is_connection_loss(exc, state.chan.loop):
-                        raise
-                    failures += 1
-                    if failures >= self._b.config.reconnect_attempts:
-                        raise BrokerConnectionError(f"receiving from {self._b.config.url}: {exc}") from exc
+        url = self._b.config.url
+        with io.map_errors(url):
+            return io.retry_on_loss(
+                self._b.config.reconnect_attempts,
+                self._channel,
+                lambda state: self._receive(state, min(max_messages, _MAX_PREFETCH), deadline),
+                lambda state: state.chan.loop,
+                lambda _failures, exc: BrokerConnectionError(f"receiving from {url}: {exc}"),
+            )
 
     def _receive(self, state: _State, need: int, deadline: float) -> list[Delivery]:
         chan = state.chan

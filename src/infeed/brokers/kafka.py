@@ -61,6 +61,7 @@ from confluent_kafka.admin import AdminClient
 from infeed.brokers._kafka_admin import OVERHEAD_BYTES, Admin
 from infeed.brokers._kafka_consumer import _KafkaConsumer
 from infeed.brokers._kafka_wire import Link, error_for, map_errors
+from infeed.brokers._retry import backoff_total_s
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
     Broker,
@@ -197,11 +198,9 @@ class KafkaConfig(BrokerConfig):
     @property
     def reconnect_budget_s(self) -> float:
         """Seconds of reconnect waits before an operation gives up."""
-        waits = [
-            min(self.reconnect_backoff_s * 2.0**i, self.reconnect_backoff_max_s)
-            for i in range(self.reconnect_attempts)
-        ]
-        return float(sum(waits))
+        return backoff_total_s(
+            self.reconnect_attempts, self.reconnect_backoff_s, self.reconnect_backoff_max_s
+        )
 
 
 class KafkaBroker(Broker):

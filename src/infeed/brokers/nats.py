@@ -43,6 +43,7 @@ from infeed.brokers._nats_link import (
     subject_of,
 )
 from infeed.brokers._nats_pull import Puller
+from infeed.brokers._retry import backoff_total_s
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
     Broker,
@@ -247,9 +248,8 @@ class NATSBroker(Broker):
         super().__init__(config)
         self._cfg = config
         self._url = redact(config.server)
-        backoffs = sum(
-            min(config.reconnect_backoff_s * 2**i, config.reconnect_backoff_max_s)
-            for i in range(config.reconnect_attempts)
+        backoffs = backoff_total_s(
+            config.reconnect_attempts, config.reconnect_backoff_s, config.reconnect_backoff_max_s
         )
         #: a safety net over every call; operations bound themselves well within it
         self._call_limit_s = (config.reconnect_attempts + 2) * (config.request_timeout_s + 1) + backoffs

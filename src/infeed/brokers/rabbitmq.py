@@ -281,19 +281,15 @@ class RabbitMQBroker(Broker):
 
     def _retry(self, what: str, fn: Callable[[Loop], T]) -> T:
         """Run ``fn`` on the live connection; after a connection loss, reconnect and run it again."""
-        failures = 0
-        while True:
-            loop = self._live()
-            try:
-                return self._when_ready(what, functools.partial(fn, loop))
-            except Exception as exc:
-                if not _is_connection_loss(exc, loop):
-                    raise
-                failures += 1
-                if failures >= self.config.reconnect_attempts:
-                    raise BrokerConnectionError(
-                        f"{what}: the connection to {self.config.url} kept dropping ({failures} times)"
-                    ) from exc
+        return io.retry_on_loss(
+            self.config.reconnect_attempts,
+            self._live,
+            lambda loop: self._when_ready(what, functools.partial(fn, loop)),
+            lambda loop: loop,
+            lambda failures, _exc: BrokerConnectionError(
+                f"{what}: the connection to {self.config.url} kept dropping ({failures} times)"
+            ),
+        )
 
     def _when_ready(self, what: str, fn: Callable[[], T]) -> T:
         """Call ``fn``; while a restarted node has not started a stream yet, back off and call it again.

@@ -46,6 +46,7 @@ from redis.retry import Retry
 
 from infeed.brokers import _redis_wire as wire
 from infeed.brokers._redis_consumer import _RedisConsumer
+from infeed.brokers._retry import backoff_s
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
     Broker,
@@ -293,7 +294,7 @@ class RedisBroker(Broker):
                             f"{time.monotonic() - start:.1f}s: {exc}; "
                             "raise reconnect_attempts or check the server"
                         ) from exc
-                    delay = min(cfg.reconnect_backoff_max_s, cfg.reconnect_backoff_s * 2**attempt)
+                    delay = backoff_s(attempt, cfg.reconnect_backoff_s, cfg.reconnect_backoff_max_s)
                     attempt += 1
                     _log.warning("redis %s: %s; reconnect attempt %d in %.2fs", cfg.url, exc, attempt, delay)
                     time.sleep(delay)  # backoff between attempts, not a wait for an event
