@@ -39,6 +39,7 @@ from infeed.brokers import _rabbitmq_io as io
 from infeed.brokers import _rabbitmq_wire as wire
 from infeed.brokers._rabbitmq_io import Chan, Item
 from infeed.brokers._rabbitmq_registry import TopicMeta
+from infeed.brokers._rabbitmq_topology import queue_name
 from infeed.brokers.base import Consumer, Message, as_deliveries, dead_letter_headers
 from infeed.errors import BrokerConnectionError, ConsumerClosedError, LeaseLostError
 from infeed.types import Delivery, GroupInfo, PartitionInfo, Position, TopicInfo
@@ -447,7 +448,7 @@ class QueueConsumer(Consumer):
         ]
         tags = [lease.tag for lease in leases]
         try:
-            self._b._ensure_dead_letters(self.dead_letter_topic)
+            self._b._topology.ensure_dead_letters(self.dead_letter_topic)
             self._b.publish_many(self.dead_letter_topic, copies)
         except BaseException:
             state.chan.loop.soon(
@@ -511,8 +512,6 @@ def _cancel(state: _State, tag: str) -> None:
 
 def describe_queues(broker: RabbitMQBroker, topic: str, meta: TopicMeta) -> TopicInfo:
     """Queue model: each group's ready count per partition (lag); depth = the largest backlog."""
-    from infeed.brokers.rabbitmq import queue_name
-
     counts = {
         g: [_ready(broker, queue_name(topic, p, g)) for p in range(meta.partitions)] for g in meta.groups
     }
