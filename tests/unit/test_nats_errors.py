@@ -25,19 +25,17 @@ from infeed.errors import (
     PayloadTooLargeError,
     TopicNotFoundError,
 )
+from tests.unit.error_mapping import (
+    assert_passes_through,
+    client_exceptions,
+    exception_id,
+    raise_through,
+)
 
 WHERE = "nats://127.0.0.1:4222"
 MODULES: tuple[ModuleType, ...] = (nats.errors, nats.js.errors, nats.aio.errors)
 
-CLIENT_EXCEPTIONS = sorted(
-    {
-        cls
-        for module in MODULES
-        for _, cls in inspect.getmembers(module, inspect.isclass)
-        if issubclass(cls, BaseException) and cls.__module__.split(".")[0] == "nats"
-    },
-    key=lambda cls: f"{cls.__module__}.{cls.__name__}",
-)
+CLIENT_EXCEPTIONS = client_exceptions(MODULES, ("nats",))
 
 
 def _build(cls: type[BaseException]) -> BaseException:
@@ -55,13 +53,9 @@ def test_the_walk_finds_the_client_exceptions() -> None:
     assert len(CLIENT_EXCEPTIONS) > 50
 
 
-@pytest.mark.parametrize("cls", CLIENT_EXCEPTIONS, ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
+@pytest.mark.parametrize("cls", CLIENT_EXCEPTIONS, ids=exception_id)
 def test_every_client_exception_maps_into_the_tree(cls: type[BaseException]) -> None:
-    exc = _build(cls)
-    with pytest.raises(InfeedError) as info, _map_errors(WHERE):
-        raise exc
-    assert info.value.__cause__ is exc
-    assert WHERE in str(info.value)
+    raise_through(_map_errors(WHERE), _build(cls), WHERE)
 
 
 @pytest.mark.parametrize(
@@ -94,15 +88,11 @@ def test_every_client_exception_maps_into_the_tree(cls: type[BaseException]) -> 
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v.__name__,
 )
 def test_specific_mappings(exc: BaseException, expected: type[InfeedError]) -> None:
-    with pytest.raises(InfeedError) as info, _map_errors(WHERE):
-        raise exc
-    assert type(info.value) is expected
-    assert info.value.__cause__ is exc
+    assert type(raise_through(_map_errors(WHERE), exc, WHERE)) is expected
 
 
 def test_infeed_errors_and_bugs_pass_through_unchanged() -> None:
-    with pytest.raises(TopicNotFoundError, match="mine"), _map_errors(WHERE):
-        raise TopicNotFoundError("mine")
+    assert_passes_through(_map_errors, WHERE)
     with pytest.raises(ValueError, match="a bug"), _map_errors(WHERE):
         raise ValueError("a bug")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import socket
 import time
 
@@ -23,28 +22,17 @@ from infeed.errors import (
     InfeedError,
     TopicNotFoundError,
 )
+from tests.unit.error_mapping import (
+    assert_passes_through,
+    build_exception,
+    client_exceptions,
+    exception_id,
+    raise_through,
+)
 
 WHERE = "redis://127.0.0.1:6379/0"
 
-CLIENT_EXCEPTIONS = sorted(
-    [
-        cls
-        for module in (rx, hiredis)
-        for _, cls in inspect.getmembers(module, inspect.isclass)
-        if issubclass(cls, BaseException) and cls.__module__.split(".")[0] in ("redis", "hiredis")
-    ],
-    key=lambda cls: f"{cls.__module__}.{cls.__name__}",
-)
-
-
-def _build(cls: type[BaseException]) -> BaseException:
-    """An instance of ``cls`` whatever its constructor wants (cluster redirects need 'slot host:port')."""
-    for args in (("boom",), ("3999 127.0.0.1:6381",), ()):
-        try:
-            return cls(*args)
-        except (TypeError, ValueError):
-            continue
-    raise AssertionError(f"cannot build {cls.__name__}")
+CLIENT_EXCEPTIONS = client_exceptions((rx, hiredis), ("redis", "hiredis"))
 
 
 def test_the_walk_finds_the_client_exceptions() -> None:
@@ -53,13 +41,11 @@ def test_the_walk_finds_the_client_exceptions() -> None:
     assert len(CLIENT_EXCEPTIONS) > 30
 
 
-@pytest.mark.parametrize("cls", CLIENT_EXCEPTIONS, ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
+@pytest.mark.parametrize("cls", CLIENT_EXCEPTIONS, ids=exception_id)
 def test_every_client_exception_maps_into_the_tree(cls: type[BaseException]) -> None:
-    exc = _build(cls)
-    with pytest.raises(InfeedError) as info, _map_errors(WHERE):
-        raise exc
-    assert info.value.__cause__ is exc
-    assert WHERE in str(info.value)
+    # cluster redirects want 'slot host:port'
+    exc = build_exception(cls, ("boom",), ("3999 127.0.0.1:6381",), ())
+    raise_through(_map_errors(WHERE), exc, WHERE)
 
 
 @pytest.mark.parametrize(
@@ -84,17 +70,14 @@ def test_every_client_exception_maps_into_the_tree(cls: type[BaseException]) -> 
     ids=lambda value: type(value).__name__,
 )
 def test_specific_mappings(exc: BaseException, expected: type[InfeedError]) -> None:
-    with pytest.raises(expected) as info, _map_errors(WHERE):
-        raise exc
+    error = raise_through(_map_errors(WHERE), exc, WHERE)
+    assert isinstance(error, expected)
     if expected is BrokerError:
-        assert type(info.value) is BrokerError
+        assert type(error) is BrokerError
 
 
 def test_infeed_errors_and_unrelated_errors_pass_through() -> None:
-    with pytest.raises(TopicNotFoundError), _map_errors(WHERE):
-        raise TopicNotFoundError("no topic")
-    with pytest.raises(KeyError), _map_errors(WHERE):
-        raise KeyError("a bug stays a bug")
+    assert_passes_through(_map_errors, WHERE)
 
 
 def _closed_port() -> int:

@@ -32,6 +32,7 @@ import nats.js.errors
 from nats.aio.client import Client, Server
 from nats.aio.msg import Msg
 
+from infeed.brokers._retry import backoff_s
 from infeed.errors import BrokerConnectionError, BrokerTimeoutError
 
 if TYPE_CHECKING:
@@ -297,7 +298,7 @@ class Link:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt + 1``."""
-        return float(min(self.cfg.reconnect_backoff_s * 2**attempt, self.cfg.reconnect_backoff_max_s))
+        return backoff_s(attempt, self.cfg.reconnect_backoff_s, self.cfg.reconnect_backoff_max_s)
 
     async def _on_error(self, exc: Exception) -> None:
         _log.debug("nats connection to %s: %r", self.url, exc)

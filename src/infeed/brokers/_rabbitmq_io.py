@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, TypeVar
 
 import pika
 import pika.exceptions
@@ -34,6 +34,10 @@ from infeed.errors import (
 
 #: One message ready for ``basic_publish``: exchange, routing key, body, properties.
 Item = tuple[str, str, bytes, Any]
+
+T = TypeVar("T")
+#: What ``retry_on_loss`` runs on: a connection, or a channel's state.
+H = TypeVar("H")
 
 
 REPLY_ERRORS: dict[int, type[BrokerError]] = {404: TopicNotFoundError, 311: PayloadTooLargeError}
@@ -74,6 +78,32 @@ def is_connection_loss(exc: BaseException, loop: Loop | None) -> bool:
     ):
         return True
     return isinstance(exc, pika.exceptions.AMQPError) and loop is not None and loop.closed
+
+
+def retry_on_loss(
+    attempts: int,
+    connect: Callable[[], H],
+    run: Callable[[H], T],
+    loop_of: Callable[[H], Loop | None],
+    give_up: Callable[[int, Exception], BrokerConnectionError],
+) -> T:
+    """Run ``run`` on what ``connect`` returns; after a connection loss, connect and run it again.
+
+    Raises:
+        BrokerConnectionError: ``give_up(failures, last_error)`` once the connection dropped
+            ``attempts`` times.
+    """
+    failures = 0
+    while True:
+        held = connect()
+        try:
+            return run(held)
+        except Exception as exc:
+            if not is_connection_loss(exc, loop_of(held)):
+                raise
+            failures += 1
+            if failures >= attempts:
+                raise give_up(failures, exc) from exc
 
 
 def wait(fut: Future[Any], timeout_s: float, what: str) -> Any:

@@ -39,6 +39,7 @@ from infeed.brokers import _rabbitmq_io as io
 from infeed.brokers import _rabbitmq_wire as wire
 from infeed.brokers._rabbitmq_io import Chan, Item
 from infeed.brokers._rabbitmq_registry import TopicMeta
+from infeed.brokers._rabbitmq_topology import queue_name
 from infeed.brokers.base import Consumer, Message, as_deliveries, dead_letter_headers
 from infeed.errors import BrokerConnectionError, ConsumerClosedError, LeaseLostError
 from infeed.types import Delivery, GroupInfo, PartitionInfo, Position, TopicInfo
@@ -204,18 +205,15 @@ class QueueConsumer(Consumer):
             raise ValueError(f"max_messages must be > 0, got {max_messages}")
         self._check_open()
         deadline = time.monotonic() + max(0.0, timeout_s)
-        failures = 0
-        with io.map_errors(self._b.config.url):
-            while True:
-                state = self._channel()
-                try:
-                    return self._receive(state, min(max_messages, _MAX_PREFETCH), deadline)
-                except Exception as exc:
-                    if not io.is_connection_loss(exc, state.chan.loop):
-                        raise
-                    failures += 1
-                    if failures >= self._b.config.reconnect_attempts:
-                        raise BrokerConnectionError(f"receiving from {self._b.config.url}: {exc}") from exc
+        url = self._b.config.url
+        with io.map_errors(url):
+            return io.retry_on_loss(
+                self._b.config.reconnect_attempts,
+                self._channel,
+                lambda state: self._receive(state, min(max_messages, _MAX_PREFETCH), deadline),
+                lambda state: state.chan.loop,
+                lambda _failures, exc: BrokerConnectionError(f"receiving from {url}: {exc}"),
+            )
 
     def _receive(self, state: _State, need: int, deadline: float) -> list[Delivery]:
         chan = state.chan
@@ -450,7 +448,7 @@ class QueueConsumer(Consumer):
         ]
         tags = [lease.tag for lease in leases]
         try:
-            self._b._ensure_dead_letters(self.dead_letter_topic)
+            self._b._topology.ensure_dead_letters(self.dead_letter_topic)
             self._b.publish_many(self.dead_letter_topic, copies)
         except BaseException:
             state.chan.loop.soon(
@@ -514,8 +512,6 @@ def _cancel(state: _State, tag: str) -> None:
 
 def describe_queues(broker: RabbitMQBroker, topic: str, meta: TopicMeta) -> TopicInfo:
     """Queue model: each group's ready count per partition (lag); depth = the largest backlog."""
-    from infeed.brokers.rabbitmq import queue_name
-
     counts = {
         g: [_ready(broker, queue_name(topic, p, g)) for p in range(meta.partitions)] for g in meta.groups
     }

@@ -6,10 +6,10 @@ active process at a time: the one that holds the exclusive queue ``TOPIC:lock:GR
 deletes it when that connection dies). Inside that process every member of the group shares one
 reader and one set of leases (like ``memory://``); other processes wait, consuming from
 ``TOPIC:wait:GROUP`` so the holder can see them, and the holder hands the group over after
-``hold_s`` once its deliveries are settled or expired. Group state (``_rabbitmq_state``) is
-written before each batch is handed out (so a crash redelivers with the right count), and on
-commit, seek, hand-over and close; acks in between are kept in memory, so after a crash the
-group resumes from the last write (at-least-once).
+``hold_s`` once its deliveries are settled or expired (``_rabbitmq_group_lock``). Group state
+(``_rabbitmq_state``) is written before each batch is handed out (so a crash redelivers with the
+right count), and on commit, seek, hand-over and close; acks in between are kept in memory, so
+after a crash the group resumes from the last write (at-least-once).
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pika.exceptions
-
 from infeed.brokers import _rabbitmq_io as io
 from infeed.brokers import _rabbitmq_recovery as recovery
 from infeed.brokers import _rabbitmq_wire as wire
-from infeed.brokers._rabbitmq_io import Chan, Loop
+from infeed.brokers._rabbitmq_group_lock import GroupLock, declare_wait_queue
+from infeed.brokers._rabbitmq_io import Chan
 from infeed.brokers._rabbitmq_queue import _Acks
 from infeed.brokers._rabbitmq_registry import TopicMeta
 from infeed.brokers._rabbitmq_state import (
@@ -36,9 +35,7 @@ from infeed.brokers._rabbitmq_state import (
     create_state,
     describe_stream,
     end_offset,
-    lock_queue,
     read_state,
-    wait_queue,
 )
 from infeed.brokers.base import Consumer, Message, StartFrom, as_deliveries, as_positions, dead_letter_headers
 from infeed.errors import BrokerTimeoutError, ConsumerClosedError, LeaseLostError
@@ -60,7 +57,6 @@ STREAM_CAPS = frozenset(
     }
 )
 _PREFETCH = 1000
-_RESOURCE_LOCKED = 405
 
 
 @dataclass(slots=True)
@@ -90,13 +86,7 @@ def subscribe(
     create_state(
         broker, topic, group, lambda: GroupState(0 if start == "earliest" else end_offset(broker, topic))
     )
-    wq = wait_queue(topic, group)
-    broker._admin(
-        "declaring the wait queue",
-        lambda chan: chan.rpc(
-            lambda cb: chan.impl.queue_declare(wq, durable=True, callback=cb), "wait queue"
-        ),
-    )
+    declare_wait_queue(broker, topic, group)
     with broker._stream_lock:
         shared = broker._stream_groups.get((topic, group))
         if shared is None:
@@ -105,26 +95,15 @@ def subscribe(
     return StreamConsumer(broker, topic, group, shared, dlq)
 
 
-class StreamGroup:
+class StreamGroup(GroupLock):
     """One group in this process: its members' shared leases, and the group while held here."""
 
     def __init__(self, broker: RabbitMQBroker, topic: str, group: str) -> None:
-        self.b, self.topic, self.group = broker, topic, group
-        self.cond = threading.Condition()
+        super().__init__(broker, topic, group)
         self.write_lock = threading.Lock()
         self.members = 0
-        self.gen = 0  # bumped whenever the hold begins or ends: leases of an older one are lost
-        self.held = False
-        self.yielding = False
-        self.releasing = False
-        self.loop: Loop | None = None
-        self.lock_chan: Chan | None = None
         self.reader: Chan | None = None
         self.reader_acks = _Acks()
-        self.waiter: Chan | None = None
-        self.acquired_at = 0.0
-        self.next_try = 0.0
-        self.checking = False
         self.last_arrival = 0.0
         self.want = 1  # wake waiting members when this many messages are ready
         self.upto = 0
@@ -133,36 +112,9 @@ class StreamGroup:
         self.ready: dict[int, tuple[int, _Rec]] = {}
         self.inflight: dict[int, _Lease] = {}
         self.buffer: collections.deque[_Rec] = collections.deque()
-        cfg = broker.config
-        self.lease_s = cfg.ack_timeout_s
-        self.hold_s = cfg.hold_s
-        self.poll_s = min(0.1, max(0.01, cfg.hold_s / 10))
-        self.tick_s = max(0.02, min(self.lease_s / 4, 1.0, self.poll_s * 5))
         self.tokens = itertools.count(1)
 
     # -- holding the group ------------------------------------------------------------------
-
-    def ensure_held(self, deadline: float) -> bool:
-        """Return True once this process holds the group; False at ``deadline``."""
-        while True:
-            with self.cond:
-                if self.held and self.loop is not None and self.loop.closed:
-                    self._drop()
-                if self.held and not self.yielding:
-                    self._check_reader()
-                    return True
-                busy = self.held or self.releasing
-            now = time.monotonic()
-            if not busy and now >= self.next_try:
-                if self._try_acquire():
-                    return True
-                self.next_try = time.monotonic() + self.poll_s
-                self._ensure_waiter()
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            with self.cond:
-                self.cond.wait(max(0.001, min(deadline, self.next_try if not busy else deadline) - now))
 
     def _check_reader(self) -> None:
         reader = self.reader
@@ -171,18 +123,10 @@ class StreamGroup:
                 raise reader.error  # e.g. 404: the stream was deleted
 
     def _try_acquire(self) -> bool:
-        loop = self.b._live()
-        chan = loop.channel()
-        lq = lock_queue(self.topic, self.group)
-        try:
-            chan.rpc(
-                lambda cb: chan.impl.queue_declare(lq, exclusive=True, auto_delete=True, callback=cb),
-                "locking",
-            )
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == _RESOURCE_LOCKED:
-                return False
-            raise
+        taken = self._take_lock()
+        if taken is None:
+            return False
+        loop, chan = taken
         state = read_state(self.b, self.topic, self.group) or GroupState()
         with self.cond:
             self.gen += 1
@@ -192,9 +136,7 @@ class StreamGroup:
             self.acquired_at = time.monotonic()
             gen = self.gen
         self._start_reader(min([*self.owed, self.upto]))
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            waiter.close()
+        self._stop_waiting()
         loop.soon(lambda: self._tick(gen))
         return True
 
@@ -267,16 +209,6 @@ class StreamGroup:
         if not keep:
             acks.settle(chan.impl, [tag])
 
-    def _ensure_waiter(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.closed:
-            return
-        chan = self.b._live().channel()
-        wq = wait_queue(self.topic, self.group)
-        chan.rpc(lambda cb: chan.impl.queue_declare(wq, durable=True, callback=cb), "wait queue")
-        chan.rpc(lambda cb: chan.impl.basic_consume(wq, lambda *_: None, callback=cb), "waiting")
-        self.waiter = chan
-
     def _drop(self) -> None:
         """The connection that held the group is gone: so is the hold (under ``cond``)."""
         self.gen += 1
@@ -315,44 +247,12 @@ class StreamGroup:
             try:
                 if item is not None:
                     self.b._publish_items([item])
-                if lock_chan is not None and not lock_chan.closed:
-                    lq = lock_queue(self.topic, self.group)
-                    lock_chan.rpc(lambda cb: lock_chan.impl.queue_delete(lq, callback=cb), "unlocking")
+                if lock_chan is not None:
+                    self._unlock(lock_chan)
             finally:
                 for chan in [*chans, lock_chan]:
                     if chan is not None:
                         chan.close()
-
-    # -- the timer: lease expiry and hand-over (I/O thread) ---------------------------------
-
-    def _tick(self, gen: int) -> None:
-        with self.cond:
-            if gen != self.gen or not self.held or self.loop is None:
-                return
-            now = time.monotonic()
-            self.expire(now)
-            query = not self.yielding and not self.checking and now - self.acquired_at >= self.hold_s
-            handover = self.yielding and not self.inflight and not self.releasing
-            lock_chan, loop = self.lock_chan, self.loop
-        if query and lock_chan is not None and lock_chan.impl.is_open:
-            self.checking = True
-            wq = wait_queue(self.topic, self.group)
-            lock_chan.impl.queue_declare(
-                wq, durable=True, callback=lambda frame: self._on_waiters(gen, frame)
-            )
-        if handover:
-            self._hand_over(gen)
-        loop.call_later(self.tick_s, lambda: self._tick(gen))
-
-    def _on_waiters(self, gen: int, frame: Any) -> None:
-        with self.cond:
-            self.checking = False
-            if gen != self.gen:
-                return
-            if frame.method.consumer_count > 0:
-                self.yielding = True  # hand out nothing new; hand over once settled
-            else:
-                self.acquired_at = time.monotonic()
 
     def _hand_over(self, gen: int) -> None:
         """Release the group to a waiting process (I/O thread, asynchronously)."""
@@ -375,14 +275,11 @@ class StreamGroup:
                 self.next_try = time.monotonic() + 3 * self.poll_s  # let the waiting process in first
                 self.cond.notify_all()
 
-        def written(_exc: BaseException | None, _job: Any) -> None:
-            if lock_chan is None or not lock_chan.impl.is_open:
-                finished()
-                return
-            lq = lock_queue(self.topic, self.group)
-            lock_chan.impl.queue_delete(lq, callback=finished)
+        loop.publisher.submit([item], lambda _exc, _job: self._unlock_soon(lock_chan, finished))
 
-        loop.publisher.submit([item], written)
+    def inflight_count(self) -> int:
+        """How many deliveries are handed out and not settled yet (under ``cond``)."""
+        return len(self.inflight)
 
     def expire(self, now: float) -> None:
         """Give expired leases back to the group (under ``cond``)."""

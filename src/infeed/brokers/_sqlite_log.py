@@ -103,30 +103,6 @@ def group_infos(conn: sqlite3.Connection, topic_id: int, parts: list[Part]) -> l
     return sorted(out, key=lambda g: g.name)
 
 
-def trim_partition(
-    conn: sqlite3.Connection, p: Part, *, committed: bool, cutoff: float | None, max_messages: int | None
-) -> int:
-    base, keep = p.pid << OFFSET_BITS, p.low
-    if committed:
-        marks = conn.execute("SELECT committed FROM group_partitions WHERE pid = ?", (p.pid,))
-        keep = max(keep, min((m or 0 for (m,) in marks), default=keep))
-    if max_messages is not None:
-        keep = max(keep, p.high - max_messages)
-    if cutoff is not None and keep < p.high:
-        # Timestamps grow with offsets (both are taken inside the write transaction), so the old
-        # messages are a prefix: find the first young one.
-        row = conn.execute(
-            "SELECT id FROM messages WHERE id >= ? AND id < ? AND ts >= ? ORDER BY id LIMIT 1",
-            (base + keep, base + p.high, cutoff),
-        ).fetchone()
-        keep = row[0] - base if row else p.high
-    if keep <= p.low:
-        return 0
-    conn.execute("DELETE FROM messages WHERE id >= ? AND id < ?", (base + p.low, base + keep))
-    conn.execute("UPDATE partitions SET low = ? WHERE id = ?", (keep, p.pid))
-    return keep - p.low
-
-
 def append(
     conn: sqlite3.Connection, topic: str, parts: list[Part], prepared: Sequence[Row], spread: Iterator[int]
 ) -> None:

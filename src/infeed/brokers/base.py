@@ -51,6 +51,7 @@ __all__ = [
     "check_headers",
     "check_payload",
     "check_topic_name",
+    "check_trim_limits",
     "dead_letter_headers",
     "dead_letter_topic",
     "normalize_key",
@@ -396,6 +397,22 @@ def check_topic_name(topic: str) -> None:
     bad = set(topic) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
     if bad:
         raise ValueError(f"topic {topic!r} has characters outside [A-Za-z0-9._-]: {''.join(sorted(bad))!r}")
+
+
+def check_trim_limits(*, max_age_s: float | None = None, max_messages: int | None = None) -> None:
+    """Check the retention limits given to a backend's ``trim`` before anything is dropped.
+
+    Args:
+        max_age_s: the age limit in seconds, or None for no age limit.
+        max_messages: how many messages to keep per partition, or None for no count limit.
+
+    Raises:
+        ValueError: if ``max_age_s`` is negative or NaN, or ``max_messages`` is negative.
+    """
+    if max_age_s is not None and not max_age_s >= 0:
+        raise ValueError(f"max_age_s must be >= 0, got {max_age_s}")
+    if max_messages is not None and max_messages < 0:
+        raise ValueError(f"max_messages must be >= 0, got {max_messages}")
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:

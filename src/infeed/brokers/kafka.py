@@ -61,6 +61,7 @@ from confluent_kafka.admin import AdminClient
 from infeed.brokers._kafka_admin import OVERHEAD_BYTES, Admin
 from infeed.brokers._kafka_consumer import _KafkaConsumer
 from infeed.brokers._kafka_wire import Link, error_for, map_errors
+from infeed.brokers._retry import backoff_total_s
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
     Broker,
@@ -71,6 +72,7 @@ from infeed.brokers.base import (
     check_headers,
     check_payload,
     check_topic_name,
+    check_trim_limits,
     normalize_key,
 )
 from infeed.errors import BrokerError, ConfigError
@@ -196,11 +198,9 @@ class KafkaConfig(BrokerConfig):
     @property
     def reconnect_budget_s(self) -> float:
         """Seconds of reconnect waits before an operation gives up."""
-        waits = [
-            min(self.reconnect_backoff_s * 2.0**i, self.reconnect_backoff_max_s)
-            for i in range(self.reconnect_attempts)
-        ]
-        return float(sum(waits))
+        return backoff_total_s(
+            self.reconnect_attempts, self.reconnect_backoff_s, self.reconnect_backoff_max_s
+        )
 
 
 class KafkaBroker(Broker):
@@ -405,10 +405,7 @@ class KafkaBroker(Broker):
         Raises:
             TopicNotFoundError: if there is no such topic.
         """
-        if max_age_s is not None and not max_age_s >= 0:
-            raise ValueError(f"max_age_s must be >= 0, got {max_age_s}")
-        if max_messages is not None and max_messages < 0:
-            raise ValueError(f"max_messages must be >= 0, got {max_messages}")
+        check_trim_limits(max_age_s=max_age_s, max_messages=max_messages)
         self._check_open()
         return self._admin.trim(topic, committed=committed, max_age_s=max_age_s, max_messages=max_messages)
 

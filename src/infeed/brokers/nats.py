@@ -43,6 +43,7 @@ from infeed.brokers._nats_link import (
     subject_of,
 )
 from infeed.brokers._nats_pull import Puller
+from infeed.brokers._retry import backoff_total_s
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
     Broker,
@@ -55,6 +56,7 @@ from infeed.brokers.base import (
     check_headers,
     check_payload,
     check_topic_name,
+    check_trim_limits,
     dead_letter_headers,
     default_dead_letter_topic,
     normalize_key,
@@ -246,9 +248,8 @@ class NATSBroker(Broker):
         super().__init__(config)
         self._cfg = config
         self._url = redact(config.server)
-        backoffs = sum(
-            min(config.reconnect_backoff_s * 2**i, config.reconnect_backoff_max_s)
-            for i in range(config.reconnect_attempts)
+        backoffs = backoff_total_s(
+            config.reconnect_attempts, config.reconnect_backoff_s, config.reconnect_backoff_max_s
         )
         #: a safety net over every call; operations bound themselves well within it
         self._call_limit_s = (config.reconnect_attempts + 2) * (config.request_timeout_s + 1) + backoffs
@@ -344,10 +345,7 @@ class NATSBroker(Broker):
         Raises:
             TopicNotFoundError: if there is no such topic.
         """
-        if max_age_s is not None and not max_age_s >= 0:
-            raise ValueError(f"max_age_s must be >= 0, got {max_age_s}")
-        if max_messages is not None and max_messages < 0:
-            raise ValueError(f"max_messages must be >= 0, got {max_messages}")
+        check_trim_limits(max_age_s=max_age_s, max_messages=max_messages)
         return self._run(self._topics.trim(topic, committed, max_age_s, max_messages))
 
     # -- publish ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Literal, Self, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import pika
@@ -40,6 +40,9 @@ from infeed.brokers import _rabbitmq_wire as wire
 from infeed.brokers._rabbitmq_io import Chan, Item, Loop
 from infeed.brokers._rabbitmq_io import is_connection_loss as _is_connection_loss
 from infeed.brokers._rabbitmq_registry import REGISTRY_QUEUE, Registry, TopicMeta
+from infeed.brokers._rabbitmq_topology import DEAD_LETTER_GROUP as DEAD_LETTER_GROUP
+from infeed.brokers._rabbitmq_topology import Topology
+from infeed.brokers._rabbitmq_topology import queue_name as queue_name
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
     Broker,
@@ -58,7 +61,6 @@ from infeed.errors import (
     BrokerError,
     BrokerTimeoutError,
     ConfigError,
-    TopicNotFoundError,
 )
 from infeed.types import Capability, TopicInfo
 
@@ -87,8 +89,6 @@ DEFAULT_IDLE_S = 0.25
 DEFAULT_HOLD_S = 2.0
 #: AMQP heartbeat interval (seconds; 0 disables).
 DEFAULT_HEARTBEAT_S = 30
-#: Group that keeps dead letters in the queue model until someone reads them.
-DEAD_LETTER_GROUP = "dead-letters"
 
 
 _QUEUE_CAPS = frozenset(
@@ -168,14 +168,6 @@ class RabbitMQConfig(BrokerConfig):
 _map_errors = io.map_errors
 
 
-def queue_name(topic: str, partition: int, group: str) -> str:
-    """The queue that holds partition ``partition`` of ``topic`` for ``group``."""
-    name = f"{topic}:{partition}:{group}"
-    if len(name.encode()) > 255:
-        raise ValueError(f"topic and group names are too long for a RabbitMQ queue name: {name!r}")
-    return name
-
-
 class RabbitMQBroker(Broker):
     """RabbitMQ (``amqp://``): queue model (classic or quorum queues) or stream model."""
 
@@ -211,8 +203,7 @@ class RabbitMQBroker(Broker):
         self._loop_lock = threading.Lock()
         self._closed = threading.Event()
         self._registry = Registry(self._live, self._publish_items)
-        self._known: dict[str, TopicMeta] = {}
-        self._known_lock = threading.Lock()
+        self._topology = Topology(self)
         self._stamp_lock = threading.Lock()
         self._stamp_tag = random.randrange(1000)
         self._last_stamp = 0
@@ -281,19 +272,15 @@ class RabbitMQBroker(Broker):
 
     def _retry(self, what: str, fn: Callable[[Loop], T]) -> T:
         """Run ``fn`` on the live connection; after a connection loss, reconnect and run it again."""
-        failures = 0
-        while True:
-            loop = self._live()
-            try:
-                return self._when_ready(what, functools.partial(fn, loop))
-            except Exception as exc:
-                if not _is_connection_loss(exc, loop):
-                    raise
-                failures += 1
-                if failures >= self.config.reconnect_attempts:
-                    raise BrokerConnectionError(
-                        f"{what}: the connection to {self.config.url} kept dropping ({failures} times)"
-                    ) from exc
+        return io.retry_on_loss(
+            self.config.reconnect_attempts,
+            self._live,
+            lambda loop: self._when_ready(what, functools.partial(fn, loop)),
+            lambda loop: loop,
+            lambda failures, _exc: BrokerConnectionError(
+                f"{what}: the connection to {self.config.url} kept dropping ({failures} times)"
+            ),
+        )
 
     def _when_ready(self, what: str, fn: Callable[[], T]) -> T:
         """Call ``fn``; while a restarted node has not started a stream yet, back off and call it again.
@@ -339,74 +326,6 @@ class RabbitMQBroker(Broker):
 
     # -- topics -----------------------------------------------------------------------------
 
-    def _meta(self, topic: str, *, create: bool, partitions: int | None = None) -> TopicMeta:
-        """Return the topic's metadata, creating the topic if asked and missing."""
-        with self._known_lock:
-            meta = self._known.get(topic)
-        if meta is not None and partitions is None:
-            return meta
-        topics = self._sync()
-        meta = topics.get(topic)
-        if meta is None:
-            if not create:
-                raise TopicNotFoundError(f"no topic {topic!r} on {self.config.url}")
-            wanted = TopicMeta(
-                self.model,
-                partitions or self.config.default_partitions,
-                self.config.queue_type,
-                self.config.max_priority,
-            )
-            self._declare_topic(topic, wanted)
-            self._registry.append([wanted.record(topic)])
-            meta = self._sync().get(topic) or wanted  # another client may have won the race
-        if meta.model != self.model:
-            raise BrokerError(
-                f"topic {topic!r} is a {meta.model}-model topic (queue_type={meta.queue_type}); "
-                f"open the broker with that queue_type to use it"
-            )
-        self._declare_topic(topic, meta)
-        with self._known_lock:
-            self._known[topic] = meta
-        return meta
-
-    def _declare_topic(self, topic: str, meta: TopicMeta) -> None:
-        if meta.model == "stream":
-            from infeed.brokers._rabbitmq_state import declare_stream
-
-            self._admin("declaring a stream", lambda chan: declare_stream(chan, topic))
-            return
-        self._admin(
-            "declaring an exchange",
-            lambda chan: chan.rpc(
-                lambda cb: chan.impl.exchange_declare(topic, "direct", durable=True, callback=cb),
-                f"declaring exchange {topic!r}",
-            ),
-        )
-
-    def _declare_group(self, topic: str, meta: TopicMeta, group: str) -> list[str]:
-        """Declare and bind the group's queues (every partition); return their names."""
-        names = [queue_name(topic, p, group) for p in range(meta.partitions)]
-        args: dict[str, Any] = {"x-queue-type": meta.queue_type}
-        if meta.max_priority:
-            args["x-max-priority"] = meta.max_priority
-
-        def declare(chan: Chan) -> None:
-            for p, name in enumerate(names):
-                chan.sync(f"declaring {name!r}", chan.impl.queue_declare, name, durable=True, arguments=args)
-                chan.sync(f"binding {name!r}", chan.impl.queue_bind, name, topic, routing_key=str(p))
-
-        quorum = meta.queue_type == "quorum"
-        new = quorum and not self._admin(
-            "checking group queues", lambda chan: recovery.queues_exist(chan, names)
-        )
-        self._admin("declaring group queues", declare)
-        if new:  # a node killed before the new queues' names reach its disk would lose them
-            self._admin("persisting quorum queue names", recovery.persist_quorum_names)
-        if group not in meta.groups:
-            self._registry.append([{"op": "group", "name": topic, "group": group}])
-            meta.groups.add(group)
-        return names
-
     def create_topic(self, topic: str, *, partitions: int = 1) -> None:
         """Create a topic with ``partitions`` partitions (queue model: one queue per group each).
 
@@ -419,7 +338,7 @@ class RabbitMQBroker(Broker):
         if self.model == "stream" and partitions != 1:
             raise BrokerError("the stream model has one partition per topic; use queue_type=classic for more")
         with _map_errors(self.config.url):
-            meta = self._meta(topic, create=True, partitions=partitions)
+            meta = self._topology.meta(topic, create=True, partitions=partitions)
             if meta.partitions != partitions:
                 raise BrokerError(
                     f"topic {topic!r} exists with {meta.partitions} partitions, not {partitions}"
@@ -432,33 +351,12 @@ class RabbitMQBroker(Broker):
             TopicNotFoundError: if there is no such topic.
         """
         with _map_errors(self.config.url):
-            meta = self._sync().get(topic)
-            if meta is None or meta.model != self.model:
-                raise TopicNotFoundError(f"no topic {topic!r} on {self.config.url}")
-            with self._known_lock:
-                self._known.pop(topic, None)
-            if self.model == "stream":
-                from infeed.brokers._rabbitmq_state import stream_queues
-
-                queues = stream_queues(topic, meta)
-            else:
-                queues = [
-                    queue_name(topic, p, g) for g in sorted(meta.groups) for p in range(meta.partitions)
-                ]
-
-            def delete(chan: Chan) -> None:
-                for name in queues:
-                    chan.sync(f"deleting {name!r}", chan.impl.queue_delete, name)
-                if self.model == "queue":
-                    chan.rpc(lambda cb: chan.impl.exchange_delete(topic, callback=cb), f"deleting {topic!r}")
-
-            self._admin("deleting a topic", delete)
-            self._registry.append([{"op": "delete", "name": topic}])
+            self._topology.delete(topic)
 
     def list_topics(self) -> list[str]:
         """Return the names of this model's topics, sorted."""
         with _map_errors(self.config.url):
-            return sorted(n for n, m in self._sync().items() if m.model == self.model)
+            return self._topology.names()
 
     def describe_topic(self, topic: str) -> TopicInfo:
         """Return partitions and groups; queue model: ``lag`` is each group queue's ready count.
@@ -467,16 +365,7 @@ class RabbitMQBroker(Broker):
             TopicNotFoundError: if there is no such topic.
         """
         with _map_errors(self.config.url):
-            meta = self._sync().get(topic)
-            if meta is None or meta.model != self.model:
-                raise TopicNotFoundError(f"no topic {topic!r} on {self.config.url}")
-            if self.model == "stream":
-                from infeed.brokers._rabbitmq_stream import describe
-
-                return describe(self, topic, meta)
-            from infeed.brokers._rabbitmq_queue import describe_queues
-
-            return describe_queues(self, topic, meta)
+            return self._topology.describe(topic)
 
     # -- publish ----------------------------------------------------------------------------
 
@@ -514,7 +403,7 @@ class RabbitMQBroker(Broker):
         if not prepared:
             return
         with _map_errors(self.config.url):
-            meta = self._meta(topic, create=True)
+            meta = self._topology.meta(topic, create=True)
             n = meta.partitions
             items: list[Item] = []
             for payload, key, headers, partition in prepared:
@@ -559,9 +448,8 @@ class RabbitMQBroker(Broker):
             ):
                 # the topic was deleted since we cached it: publishing re-creates it, like a first publish
                 redeclared = True
-                with self._known_lock:
-                    self._known.pop(topic, None)
-                self._meta(topic, create=True)
+                self._topology.forget(topic)
+                self._topology.meta(topic, create=True)
                 continue
             if not _is_connection_loss(exc, loop):
                 raise exc
@@ -619,7 +507,7 @@ class RabbitMQBroker(Broker):
         if dead_letter_topic is not None:
             check_topic_name(dead_letter_topic)
         with _map_errors(self.config.url):
-            meta = self._meta(topic, create=True)
+            meta = self._topology.meta(topic, create=True)
             chosen = list(range(meta.partitions)) if partitions is None else list(partitions)
             for p in chosen:
                 if not 0 <= p < meta.partitions:
@@ -630,14 +518,8 @@ class RabbitMQBroker(Broker):
                 return _rabbitmq_stream.subscribe(self, topic, meta, group, start, dead_letter_topic)
             from infeed.brokers._rabbitmq_queue import QueueConsumer
 
-            names = self._declare_group(topic, meta, group)
+            names = self._topology.declare_group(topic, meta, group)
             return QueueConsumer(self, topic, group, meta, [(p, names[p]) for p in chosen], dead_letter_topic)
-
-    def _ensure_dead_letters(self, topic: str) -> None:
-        """Queue model: make sure dead letters sent to ``topic`` are kept (in DEAD_LETTER_GROUP)."""
-        meta = self._meta(topic, create=True)
-        if DEAD_LETTER_GROUP not in meta.groups and self.model == "queue":
-            self._declare_group(topic, meta, DEAD_LETTER_GROUP)
 
     def close(self) -> None:
         """Close the connection (consumers' unacked deliveries go back to their queues). Idempotent."""

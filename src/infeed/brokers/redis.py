@@ -46,6 +46,7 @@ from redis.retry import Retry
 
 from infeed.brokers import _redis_wire as wire
 from infeed.brokers._redis_consumer import _RedisConsumer
+from infeed.brokers._retry import backoff_s
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
     Broker,
@@ -56,6 +57,7 @@ from infeed.brokers.base import (
     check_headers,
     check_payload,
     check_topic_name,
+    check_trim_limits,
     normalize_key,
     partition_for_key,
 )
@@ -292,7 +294,7 @@ class RedisBroker(Broker):
                             f"{time.monotonic() - start:.1f}s: {exc}; "
                             "raise reconnect_attempts or check the server"
                         ) from exc
-                    delay = min(cfg.reconnect_backoff_max_s, cfg.reconnect_backoff_s * 2**attempt)
+                    delay = backoff_s(attempt, cfg.reconnect_backoff_s, cfg.reconnect_backoff_max_s)
                     attempt += 1
                     _log.warning("redis %s: %s; reconnect attempt %d in %.2fs", cfg.url, exc, attempt, delay)
                     time.sleep(delay)  # backoff between attempts, not a wait for an event
@@ -444,8 +446,7 @@ class RedisBroker(Broker):
         Raises:
             TopicNotFoundError: if there is no such topic.
         """
-        if max_messages is not None and max_messages < 0:
-            raise ValueError(f"max_messages must be >= 0, got {max_messages}")
+        check_trim_limits(max_messages=max_messages)
         n = self._partitions(topic, create=False)
         keys = [self._keys.commits(topic), *self._keys.streams(topic, n)]
         args = ["1" if committed else "0", "" if max_messages is None else max_messages]

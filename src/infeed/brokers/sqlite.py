@@ -29,6 +29,7 @@ from typing import Literal, Self
 from urllib.parse import unquote, urlsplit
 
 from infeed.brokers import _sqlite_log as log
+from infeed.brokers import _sqlite_retention as retention
 from infeed.brokers._sqlite_db import SCHEMA_VERSION, Pool
 from infeed.brokers._url import parse_options
 from infeed.brokers.base import (
@@ -42,6 +43,7 @@ from infeed.brokers.base import (
     check_headers,
     check_payload,
     check_topic_name,
+    check_trim_limits,
     dead_letter_headers,
     normalize_key,
 )
@@ -72,8 +74,6 @@ DEFAULT_BUSY_TIMEOUT_S = 10.0
 DEFAULT_POLL_MAX_S = 0.02
 
 _POLL_MIN_S = 0.001
-#: Automatic retention runs at most this often per topic and broker object.
-_RETENTION_EVERY_S = 1.0
 _SYNCHRONOUS = ("FULL", "NORMAL", "OFF")
 
 
@@ -149,7 +149,9 @@ class SQLiteBroker(Broker):
         self._db = Pool(config.path, synchronous=config.synchronous, busy_timeout_s=config.busy_timeout_s)
         self._db.init_schema()
         self._spread = itertools.count()  # round-robin over partitions for keyless messages
-        self._last_trim: dict[str, float] = {}
+        self._retention = retention.Retention(
+            max_age_s=config.retention_max_age_s, max_messages=config.retention_max_messages
+        )
         self._consumers: weakref.WeakSet[_SQLiteConsumer] = weakref.WeakSet()
         self._consumers_lock = threading.Lock()
 
@@ -256,30 +258,12 @@ class SQLiteBroker(Broker):
         Raises:
             TopicNotFoundError: if there is no such topic.
         """
-        if max_age_s is not None and not max_age_s >= 0:
-            raise ValueError(f"max_age_s must be >= 0, got {max_age_s}")
-        if max_messages is not None and max_messages < 0:
-            raise ValueError(f"max_messages must be >= 0, got {max_messages}")
+        check_trim_limits(max_age_s=max_age_s, max_messages=max_messages)
         with self._db.tx() as conn:
-            return self._trim(
-                conn, topic, committed=committed, max_age_s=max_age_s, max_messages=max_messages
+            _, parts = self._topic(conn, topic, create=False)
+            return retention.trim_parts(
+                conn, parts, committed=committed, max_age_s=max_age_s, max_messages=max_messages
             )
-
-    def _trim(
-        self,
-        conn: sqlite3.Connection,
-        topic: str,
-        *,
-        committed: bool,
-        max_age_s: float | None,
-        max_messages: int | None,
-    ) -> int:
-        _, parts = self._topic(conn, topic, create=False)
-        cutoff = time.time() - max_age_s if max_age_s is not None else None
-        return sum(
-            log.trim_partition(conn, p, committed=committed, cutoff=cutoff, max_messages=max_messages)
-            for p in parts
-        )
 
     # -- publish ------------------------------------------------------------------------------
 
@@ -309,20 +293,7 @@ class SQLiteBroker(Broker):
 
     def _append(self, conn: sqlite3.Connection, topic: str, prepared: list[log.Row]) -> None:
         log.append(conn, topic, self._topic(conn, topic, create=True)[1], prepared, self._spread)
-        cfg = self._cfg
-        if cfg.retention_max_age_s is None and cfg.retention_max_messages is None:
-            return
-        now = time.monotonic()
-        if now - self._last_trim.get(topic, -math.inf) >= _RETENTION_EVERY_S:
-            # In the publishing transaction, so a publish never fails after it was written.
-            self._last_trim[topic] = now
-            self._trim(
-                conn,
-                topic,
-                committed=False,
-                max_age_s=cfg.retention_max_age_s,
-                max_messages=cfg.retention_max_messages,
-            )
+        self._retention.after_publish(conn, topic)
 
     # -- consume ------------------------------------------------------------------------------
 
