@@ -40,6 +40,16 @@ def test_trim_by_age_count_and_commit() -> None:
     assert broker.describe_topic("t").depth == 0
 
 
+def test_trim_refuses_negative_limits_and_drops_nothing() -> None:
+    broker = MemoryBroker()
+    broker.publish_many("t", [b"a", b"b"])
+    with pytest.raises(ValueError, match="max_messages must be >= 0"):
+        broker.trim("t", committed=False, max_messages=-1)
+    with pytest.raises(ValueError, match="max_age_s must be >= 0"):
+        broker.trim("t", committed=False, max_age_s=float("nan"))
+    assert broker.describe_topic("t").depth == 2
+
+
 def test_closed_broker_and_bad_assignment_are_refused() -> None:
     broker = MemoryBroker()
     with pytest.raises(ValueError, match="at least one partition"):

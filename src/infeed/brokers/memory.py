@@ -25,6 +25,7 @@ from infeed.brokers.base import (
     as_deliveries,
     as_positions,
     check_headers,
+    check_trim_limits,
     check_payload,
     check_topic_name,
     dead_letter_headers,
@@ -188,7 +189,11 @@ class MemoryBroker(Broker):
 
         Returns:
             how many messages were dropped.
+
+        Raises:
+            ValueError: a negative (or NaN) limit; nothing dropped.
         """
+        check_trim_limits(max_age_s=max_age_s, max_messages=max_messages)
         oldest = time.time() - max_age_s if max_age_s is not None else None
         with self._cond:
             self._check_open()
