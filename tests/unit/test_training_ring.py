@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from infeed.training._chunks import Chunk
+from infeed.training._chunks import Chunk, merge_runs
 from infeed.training._ring import (
     RingReader,
     RingWriter,
@@ -108,3 +108,21 @@ def test_broken_frames_and_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="capacity_bytes"):
         create_ring(0)
     assert read_frame(io.BytesIO(b"\x00\x00")) is None  # a stream cut short is its end
+
+
+def test_merge_runs_joins_consecutive_chunks_of_a_partition_in_order() -> None:
+    a, b, c = chunk(0, 3), chunk(3, 2), chunk(5, 4)
+    other = Chunk(
+        partition=9,
+        columns=c.columns,
+        next_offset=c.next_offset,
+        next_record=c.next_record,
+        nbytes=c.nbytes,
+    )
+    merged = merge_runs([a, b, other, c])
+    assert [m.partition for m in merged] == [3, 9, 3]
+    assert merged[0].columns["id"].tolist() == [0, 1, 2, 3, 4] and merged[0].nbytes == a.nbytes + b.nbytes
+    assert merged[0].next_offset.tolist() == [1, 2, 3, 4, 5] and len(merged[0].next_record) == 5
+    assert merged[1] is other and merged[2] is c
+    big = merge_runs([chunk(0, 2), chunk(2, 2, big=True)])  # offsets beyond int64 stay exact
+    assert len(big) == 1 and big[0].next_offset.tolist() == [1, 2, (1 << 80) + 3, (1 << 80) + 4]

@@ -27,7 +27,15 @@ from infeed.errors import CodecError
 from infeed.streams import Received
 from infeed.types import Delivery
 
-__all__ = ["COALESCE_BELOW", "Chunk", "build_chunks", "decode_batches", "decode_singles", "single_chunk"]
+__all__ = [
+    "COALESCE_BELOW",
+    "Chunk",
+    "build_chunks",
+    "decode_batches",
+    "decode_singles",
+    "merge_runs",
+    "single_chunk",
+]
 
 #: Messages with fewer valid records than this are joined into one chunk (one copy, off the step's
 #: thread), so that one-record-per-message topics are not cut record by record.
@@ -151,6 +159,42 @@ def _join(items: Sequence[tuple[Received, int]], fields: Sequence[str], keep_del
         deliveries=deliveries,
         delivery_ends=tuple(ends) if keep_deliveries else (),
     )
+
+
+def merge_runs(chunks: Sequence[Chunk]) -> list[Chunk]:
+    """Join each run of consecutive chunks of one partition into one chunk (one copy per column).
+
+    For a feed process, which copies every chunk into shared memory and sends a frame per chunk:
+    fewer, larger chunks cost the training process less per record. Chunks that carry deliveries
+    are left as they are.
+    """
+    out: list[Chunk] = []
+    run: list[Chunk] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append(
+                Chunk(
+                    partition=run[0].partition,
+                    columns={name: np.concatenate([c.columns[name] for c in run]) for name in run[0].columns},
+                    next_offset=np.concatenate([c.next_offset for c in run]),
+                    next_record=np.concatenate([c.next_record for c in run]),
+                    nbytes=sum(c.nbytes for c in run),
+                )
+            )
+        run.clear()
+
+    for chunk in chunks:
+        if chunk.deliveries or (run and run[-1].partition != chunk.partition):
+            flush()
+        if chunk.deliveries:
+            out.append(chunk)
+        else:
+            run.append(chunk)
+    flush()
+    return out
 
 
 def decode_singles(

@@ -133,6 +133,7 @@ class _Feed:
             poll_s=c["poll_s"],
             idle_timeout_s=c["idle_timeout_s"],
             sink=_RingSink(self.ring, self.out, self.stream),
+            merge=True,
         )
         self.prefetcher.start()
 

@@ -30,6 +30,7 @@ from infeed.training._chunks import (
     build_chunks,
     decode_batches,
     decode_singles,
+    merge_runs,
     offsets_array,
     single_chunk,
 )
@@ -223,6 +224,7 @@ class Prefetcher:
         poll_s: receive timeout (the longest a command waits while nothing arrives).
         idle_timeout_s: stop with :class:`Idle` after this long without a message (None: never).
         sink: where items go (default: :attr:`queue`, which the training thread reads).
+        merge: join the chunks of one receive call per partition (see ``_chunks.merge_runs``).
     """
 
     def __init__(
@@ -239,6 +241,7 @@ class Prefetcher:
         poll_s: float,
         idle_timeout_s: float | None,
         sink: Sink | None = None,
+        merge: bool = False,
     ) -> None:
         if not isinstance(stream.consumer, TapConsumer):
             raise TypeError("the prefetcher's StreamConsumer must wrap a TapConsumer")
@@ -256,6 +259,7 @@ class Prefetcher:
         self._idle_timeout_s = idle_timeout_s
         self.queue = ByteQueue(capacity_bytes)
         self._sink: Sink = self.queue if sink is None else sink
+        self._merge = merge
         self._commands: deque[_Command] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -395,6 +399,8 @@ class Prefetcher:
                 chunks = self._chunks(raw)
             else:
                 self._per_receive = max(1, min(self._max_messages, self._target_records))
+            if self._merge and len(chunks) > 1:
+                chunks = merge_runs(chunks)
             for chunk in chunks:
                 if not self._put(chunk, chunk.nbytes):
                     return
