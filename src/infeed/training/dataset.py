@@ -19,6 +19,7 @@ refuses, naming ``SEEK``); a message is acked once all its records have been han
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -210,6 +211,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
                 return f"{type(broker).__name__} lacks {capability.name}"
         if broker.url is None:
             return "the broker object was not opened from a URL (use infeed.brokers.connect)"
+        if not hasattr(os, "memfd_create"):
+            return "this platform has no memfd_create (Linux has) for the shared ring"
         if codecs is not None:
             return "custom codecs cannot be handed to another process"
         return None
