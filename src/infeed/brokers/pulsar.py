@@ -43,6 +43,7 @@ onto Pulsar:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import threading
@@ -341,9 +342,15 @@ class PulsarBroker(Broker):
             raise BrokerError(f"topic {topic!r} exists with {existing} partitions, not {partitions}")
 
     def _high(self, topic: str, partition: int) -> int:
-        """One past the last offset written to a partition (where the next message lands, at most)."""
-        ledger, entry = self._admin.last_message_id(self._partition_short(topic, partition))
-        return pack(max(ledger, 0), entry + 1, 0)
+        """One past the last offset written to a partition (``PartitionInfo.high``; see ``extent``).
+
+        When the partition's current ledger holds nothing yet, the first offset of that ledger:
+        past the last message, and before anything written next.
+        """
+        ledger, entry, batch = self._admin.last_message_id(self._partition_short(topic, partition))
+        if entry < 0:
+            return pack(max(ledger, 0), 0, 0)
+        return pack(ledger, entry, max(batch, 0)) + 1
 
     # -- topics -------------------------------------------------------------------------------
 
@@ -399,7 +406,8 @@ class PulsarBroker(Broker):
         subs: dict[str, dict[int, dict[str, Any]]] = {}
         for i in range(count):
             name = self._partition_name(topic, i)
-            info, held = extent(i, internal.get(name, {}))
+            short = self._partition_short(topic, i)
+            info, held = extent(i, internal.get(name, {}), functools.partial(self._admin.batch_size, short))
             partitions.append(info)
             ledgers.append(held)
             for sub, sub_stats in stats.get(name, {}).get("subscriptions", {}).items():
