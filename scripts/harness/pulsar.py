@@ -5,15 +5,23 @@ Ready when the admin API lists the ``standalone`` cluster and the ``public/defau
 which writes and reads a heartbeat topic through the bookie, answers ``ok``. Plain ``urllib``:
 no Pulsar client library is needed.
 
-A restart after SIGKILL can come up broken: the killed bookie's registration
-(``/ledgers/available/HOST:PORT``) is still in the RocksDB metadata store, the new bookie deletes
-and re-creates it, and when the store's notification of that deletion arrives after the new lock
-was taken, the lock is "invalidated", re-created, invalidated again, thousands of times a second,
-for good. The bookie flaps between available and gone, the health check may still pass, and
-subscriptions stop reading ("LastConfirmedEntry is null when reading ledger N"). Seen in about
-half the restarts after SIGKILL. So every launch is checked for that loop in the log once ready; a flapping
-standalone is stopped cleanly (SIGTERM: the bookie removes its registration) and started again on
-the same data, up to ``LAUNCH_ATTEMPTS`` times.
+A SIGKILL leaves the killed process's ephemeral metadata nodes in the RocksDB metadata store:
+the bookie's registration (``/ledgers/available/HOST:PORT``), the broker's registration with the
+load manager (``/loadbalance/brokers/HOST:PORT``) and the ownership locks of the namespace bundles
+it served (``/namespace/TENANT/NS/RANGE``). The next launch treats such a node as absent but deletes
+it only lazily: each read that meets it queues an unconditional, asynchronous delete, which lands
+after the new process has re-created the node as its own lock. The lock is then "invalidated",
+re-acquired, deleted again by the next queued delete... The bookie registration can loop like
+that thousands of times a second, for good (the bookie flaps between available and gone,
+subscriptions stop reading: "LastConfirmedEntry is null when reading ledger N"); a bundle lock or
+the broker registration that loses the race leaves the bundle's topics unserved (every lookup,
+publish and subscribe times out) while the health check, on its own namespace, still passes.
+Seen in about half the restarts after SIGKILL. So ``restart`` removes every ephemeral node from the
+closed store before it launches (``jvm/PulsarMetadataPurge.java``: with the store closed, all of
+them are stale), and readiness includes a topic lookup, which takes a bundle lock through the
+load manager. As a second line, every launch is still checked for the registration loop in the
+log once ready; a flapping standalone is stopped cleanly (SIGTERM: the bookie removes its
+registration) and started again on the same data, up to ``LAUNCH_ATTEMPTS`` times.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import json
 import socket
 import string
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -31,6 +40,12 @@ from . import _jvm, core
 NAME = "pulsar"
 POM = _jvm.JVM_DIR / "pulsar-pom.xml"
 CONF_TEMPLATE = _jvm.JVM_DIR / "pulsar-standalone.conf"
+#: Removes the ephemeral nodes a killed standalone left in its metadata store (module docstring).
+PURGE_SOURCE = _jvm.JVM_DIR / "PulsarMetadataPurge.java"
+#: Seconds the purge may take (java compiles the source file first: seconds on a loaded machine).
+PURGE_DEADLINE_S = 120.0
+#: Topic whose lookup readiness asks for: it makes the broker take a namespace bundle's lock.
+READY_TOPIC = "persistent/public/default/infeed-harness-ready"
 #: Standalone boots a bookie, a metadata store and the broker: tens of seconds on 2 cores.
 START_DEADLINE_S = 180.0
 #: Launches of one start or restart before it gives up on a flapping bookie registration.
@@ -88,7 +103,33 @@ def restart(state: dict[str, Any]) -> core.Started:
     core.kill_hard([int(p) for p in state["pids"]])
     for port in ports.values():
         core.wait_port_free(port)
-    return _launch_checked(Path(str(state["extra"]["jars"])), Path(str(state["workdir"])), ports)
+    jars, work = Path(str(state["extra"]["jars"])), Path(str(state["workdir"]))
+    _purge_ephemeral(jars, work)
+    return _launch_checked(jars, work, ports)
+
+
+def _purge_ephemeral(jars: Path, work: Path) -> None:
+    """Remove the ephemeral nodes a killed standalone left in its (closed) metadata store."""
+    rocksdb = sorted(jars.glob("rocksdbjni-*.jar"))
+    if not rocksdb:
+        raise core.HarnessError(f"{NAME}: no rocksdbjni jar in {jars}")
+    cmd = [_jvm.java(), "-cp", str(rocksdb[-1]), str(PURGE_SOURCE), str(work / "data" / "metadata")]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PURGE_DEADLINE_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise core.HarnessError(
+            f"{NAME}: purging the metadata store took over {PURGE_DEADLINE_S:.0f}s (data kept in {work})"
+        ) from None
+    if done.returncode != 0:
+        raise core.HarnessError(
+            f"{NAME}: purging the stale ephemeral nodes of the metadata store failed with "
+            f"{done.returncode} (java's source-file mode needs a JDK, not only a JRE; data kept in "
+            f"{work}):\n{done.stderr.strip()[-2000:]}"
+        )
+    paths = done.stdout.split()
+    with open(work / "pulsar.log", "a") as log:  # kept with the broker's own lines
+        log.write(f"harness: removed {len(paths)} stale ephemeral metadata nodes: {' '.join(paths)}\n")
+    core.say(f"{NAME}: removed {len(paths)} stale ephemeral metadata nodes")
 
 
 def _launch_checked(jars: Path, work: Path, ports: dict[str, int]) -> core.Started:
@@ -108,6 +149,7 @@ def _launch_checked(jars: Path, work: Path, ports: dict[str, int]) -> core.Start
         core.stop_pids(started.pids, grace_s=STOP_GRACE_S)
         for port in ports.values():
             core.wait_port_free(port)
+        _purge_ephemeral(jars, work)  # left behind if the stop ran out of grace and killed it
     raise core.HarnessError(
         f"{NAME}: the bookie registration flapped after each of {LAUNCH_ATTEMPTS} launches "
         f"(data and log kept in {work}); last log lines:\n{core.log_tail(log)}"
@@ -187,7 +229,10 @@ def _ready(admin: str) -> bool:
         return False
     if "public/default" not in json.loads(_get(f"{admin}/admin/v2/namespaces/public")):
         return False
-    return _get(f"{admin}/admin/v2/brokers/health", timeout_s=30.0).strip() == b"ok"
+    if _get(f"{admin}/admin/v2/brokers/health", timeout_s=30.0).strip() != b"ok":
+        return False
+    # a lookup goes through the load manager and takes a bundle lock: what clients need first
+    return "brokerUrl" in json.loads(_get(f"{admin}/lookup/v2/topic/{READY_TOPIC}", timeout_s=30.0))
 
 
 def _loopback_interface() -> str:

@@ -1,9 +1,9 @@
 """Pulsar is SIGKILLed and started again while a producer and a consumer run: nothing acked is lost.
 
 ``scripts/brokers restart pulsar`` kills the standalone (broker, bookie and metadata store in one
-JVM) with SIGKILL and starts it again on the same ports and data directory; that takes 15-30 s
-here, or twice that when the first launch comes up with its bookie registration flapping and the
-harness stops it cleanly and launches it again (scripts/harness/pulsar.py). The producer counts a
+JVM) with SIGKILL, removes the ephemeral metadata nodes the killed process left (its locks, which
+the next launch would otherwise race with: scripts/harness/pulsar.py) and starts it again on the
+same ports and data directory; that takes 15-30 s here. The producer counts a
 message as acknowledged when ``publish_many`` returned; every such message must reach the consumer
 after recovery (duplicates are allowed: at-least-once). A consumer blocked in ``receive`` through
 the kill gets what is published after it. Committed positions must survive the restart, and a
@@ -70,14 +70,16 @@ def _restart() -> None:
     assert running_brokers()["pulsar"]["pids"] != before, "the broker was not restarted"
 
 
+def _log_hint() -> str:
+    """Where the broker's log is, for a failure message (``stop`` removes it unless told not to)."""
+    log = running_brokers()["pulsar"].get("log")
+    return f" (broker log: {log}; INFEED_BROKERS_KEEP=1 scripts/brokers stop keeps it)"
+
+
 def _ids(payloads: list[bytes]) -> list[int]:
     return [int(p.split(b":", 1)[0]) for p in payloads]
 
 
-@pytest.mark.skip(
-    reason="open defect: after a SIGKILL and restart the Pulsar standalone broker sometimes never serves "
-    "the topic again (every publish and subscribe times out for minutes; 1 of 3 full-suite runs)"
-)
 @pytest.mark.slow
 @pytest.mark.needs_broker("pulsar")
 @pytest.mark.timeout(600)
@@ -157,14 +159,14 @@ def test_broker_kill_mid_stream_loses_nothing_acknowledged() -> None:
         assert idle_waiting.wait(10)
         _restart()  # kills the broker under the producer, the consumer and the blocked receive
         restarted.set()
-        assert published_after_restart.wait(RECOVERY_S), "the producer did not recover"
+        assert published_after_restart.wait(RECOVERY_S), f"the producer did not recover{_log_hint()}"
         producer.publish(quiet, b"after the restart")
         stop.set()
         deadline = time.monotonic() + RECOVERY_S
         with lock:
             while not (produced_all.is_set() and received >= acked) and consuming.is_alive():
                 assert time.monotonic() < deadline, (
-                    f"{len(acked - received)} acknowledged messages never arrived"
+                    f"{len(acked - received)} acknowledged messages never arrived{_log_hint()}"
                 )
                 lock.wait(1.0)
         for w in workers:

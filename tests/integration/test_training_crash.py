@@ -185,6 +185,16 @@ for _name, _broker, _module, _query in (
         BACKENDS[_name] = _make
 
 
+def _pulsar(tmp: Path) -> str:
+    """Pulsar needs its admin API (web service) besides the binary protocol's URL."""
+    query = {"admin_url": broker_url("pulsar", "admin"), "ack_timeout_s": 5}
+    return f"{broker_url('pulsar')}?{urlencode(query)}"
+
+
+if importlib.util.find_spec("infeed.brokers.pulsar") is not None:
+    BACKENDS["pulsar"] = _pulsar
+
+
 class _Runs:
     """The process that forks the trainer runs; its stdout lines are read by a thread."""
 

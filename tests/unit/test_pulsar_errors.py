@@ -272,11 +272,25 @@ def test_extent_and_lag_from_internal_stats() -> None:
     }
     info, ledgers = extent(0, stats)
     assert ledgers == [(9, 3), (12, 5)]
-    assert (info.low, info.high, info.depth) == (pack(9, 0, 0), pack(12, 5, 0), 8)
+    # one past the last message (entry 12:4), as a reader at the end sees it: offset + 1
+    assert (info.low, info.high, info.depth) == (pack(9, 0, 0), pack(12, 4, 0) + 1, 8)
     assert entries_from(ledgers, pack(9, 1, 0)) == 7
     assert entries_from(ledgers, pack(9, 1, 0) + 1) == 6  # the next position after entry 9:1
     assert entries_from(ledgers, pack(9, 3, 0)) == 5  # past the end of a closed ledger
     assert entries_from(ledgers, info.high) == 0
+
+
+def test_extent_high_counts_the_last_batch_and_looks_past_an_empty_new_ledger() -> None:
+    stats = {"lastConfirmedEntry": "7:2", "numberOfEntries": 3, "ledgers": [{"ledgerId": 7}]}
+    info, _ = extent(0, stats, lambda ledger, entry: 10 if (ledger, entry) == (7, 2) else 1)
+    assert info.high == pack(7, 2, 9) + 1  # the batch's last message is at index 9
+    rolled = {
+        "lastConfirmedEntry": "8:-1",  # a new ledger holds nothing yet
+        "numberOfEntries": 3,
+        "ledgers": [{"ledgerId": 7, "entries": 3}, {"ledgerId": 8, "entries": 0}],
+    }
+    info, _ = extent(0, rolled)
+    assert (info.low, info.high) == (pack(7, 0, 0), pack(7, 2, 0) + 1)
 
 
 def test_empty_partitionextent() -> None:

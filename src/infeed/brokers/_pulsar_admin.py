@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -176,20 +177,39 @@ class Admin:
             body,
         )
 
-    def last_message_id(self, partition_topic: str) -> tuple[int, int]:
-        """``(ledger, entry)`` of the last message of one partition (entry -1: none in that ledger)."""
+    def last_message_id(self, partition_topic: str) -> tuple[int, int, int]:
+        """``(ledger, entry, batch index)`` of the last message of one partition.
+
+        Entry -1: none in that ledger. Batch index -1: the entry is not a batch.
+        """
         out = self.request("GET", f"{self.topic_path(partition_topic)}/lastMessageId")
-        return int(out["ledgerId"]), int(out["entryId"])
+        return int(out["ledgerId"]), int(out["entryId"]), int(out.get("batchIndex", -1))
 
 
-def extent(partition: int, stats: dict[str, Any]) -> tuple[PartitionInfo, list[tuple[int, int]]]:
-    """A partition's extent and its ledgers ``(ledger id, entries)`` from its internal stats."""
+def extent(
+    partition: int,
+    stats: dict[str, Any],
+    messages_in: Callable[[int, int], int] = lambda ledger, entry: 1,
+) -> tuple[PartitionInfo, list[tuple[int, int]]]:
+    """A partition's extent and its ledgers ``(ledger id, entries)`` from its internal stats.
+
+    ``high`` is one past the last message written (its offset + 1), as ``PartitionInfo`` says,
+    not the first offset of the next entry: offsets are sparse, and a reader that reaches the
+    end tells it by ``offset + 1 >= high``. ``messages_in(ledger, entry)`` counts the messages of
+    the last entry (more than 1 for a batch).
+    """
     ledger_text, _, entry_text = str(stats.get("lastConfirmedEntry", "0:-1")).partition(":")
     last_ledger, last_entry = max(int(ledger_text), 0), int(entry_text or -1)
     ledgers = [(int(x["ledgerId"]), int(x.get("entries", 0))) for x in stats.get("ledgers", [])]
     if ledgers:  # the open ledger reports 0 entries until it is closed
         ledgers[-1] = (ledgers[-1][0], int(stats.get("currentLedgerEntries", ledgers[-1][1])))
-    high = pack(last_ledger, last_entry + 1, 0)
+    if last_entry < 0:  # a new ledger holds nothing yet: the last entry is in an earlier one
+        written = [(ledger, n - 1) for ledger, n in ledgers if n > 0 and ledger < last_ledger]
+        last_ledger, last_entry = written[-1] if written else (last_ledger, -1)
+    if last_entry < 0:
+        high = pack(last_ledger, 0, 0)
+    else:
+        high = pack(last_ledger, last_entry, max(messages_in(last_ledger, last_entry), 1) - 1) + 1
     depth = int(stats.get("numberOfEntries", 0))
     first = next((ledger for ledger, n in ledgers if n > 0), None)
     low = pack(first, 0, 0) if depth and first is not None else high

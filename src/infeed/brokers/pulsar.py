@@ -34,15 +34,17 @@ onto Pulsar:
   subscription's cursor, on the broker); it never acks. ``seek`` resets the subscription cursor
   (the whole group moves); a position inside a batch entry replays the entry and drops the
   messages before it in the seeking member.
-* Producers send asynchronously and wait for every receipt (the broker has the messages in its
-  bookie); failed sends are retried with backoff (at-least-once). Producer batching is off by
-  default: with it on, an entry holds many messages and Pulsar redelivers a nacked or expired
-  message with its whole batch unless the broker runs ``acknowledgmentAtBatchIndexLevelEnabled``.
+* Producers (``_pulsar_producer.py``) send asynchronously and wait for every receipt (the broker
+  has the messages in its bookie); failed sends are retried with backoff (at-least-once).
+  Producer batching is off by default: with it on, an entry holds many messages and Pulsar
+  redelivers a nacked or expired message with its whole batch unless the broker runs
+  ``acknowledgmentAtBatchIndexLevelEnabled``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import threading
@@ -52,21 +54,13 @@ from dataclasses import dataclass
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
-import _pulsar
 import pulsar
 
 from infeed.brokers._pulsar_admin import COMMITTED_PROPERTY, Admin, entries_from, extent
 from infeed.brokers._pulsar_consumer import _PulsarConsumer
 from infeed.brokers._pulsar_leases import DeliveryCounts, Reaper
-from infeed.brokers._pulsar_wire import (
-    Receipts,
-    Retry,
-    encode_key,
-    pack,
-    raise_result,
-    retryable,
-    retrying,
-)
+from infeed.brokers._pulsar_producer import CHUNK, Producers
+from infeed.brokers._pulsar_wire import Retry, encode_key, pack, retrying
 from infeed.brokers._pulsar_wire import (
     _map_errors as _map_errors,  # the error boundary, re-exported
 )
@@ -120,11 +114,6 @@ _LOG_LEVELS = {
     "warn": pulsar.LoggerLevel.Warn,
     "error": pulsar.LoggerLevel.Error,
 }
-#: Sends in flight per wait (below the producer's pending-message limit, so send_async never blocks).
-_CHUNK = 5000
-_MAX_PENDING = 2 * _CHUNK
-#: One message to send: partition, payload, Pulsar partition key, properties.
-_Item = tuple[int, bytes, str | None, dict[str, str]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,8 +258,7 @@ class PulsarBroker(Broker):
                 logger=pulsar.ConsoleLogger(_LOG_LEVELS[config.client_log_level]),
             )
         self._lock = threading.Lock()
-        self._producers: dict[tuple[str, int], Any] = {}  # the raw producers, for the fast path
-        self._producer_wrappers: dict[tuple[str, int], Any] = {}
+        self._producers = Producers(self._client, config, self._retry, self._where, self._partition_name)
         self._partition_counts: dict[str, int] = {}
         self._spread = itertools.count()
         self._consumers: weakref.WeakSet[_PulsarConsumer] = weakref.WeakSet()
@@ -341,9 +329,15 @@ class PulsarBroker(Broker):
             raise BrokerError(f"topic {topic!r} exists with {existing} partitions, not {partitions}")
 
     def _high(self, topic: str, partition: int) -> int:
-        """One past the last offset written to a partition (where the next message lands, at most)."""
-        ledger, entry = self._admin.last_message_id(self._partition_short(topic, partition))
-        return pack(max(ledger, 0), entry + 1, 0)
+        """One past the last offset written to a partition (``PartitionInfo.high``; see ``extent``).
+
+        When the partition's current ledger holds nothing yet, the first offset of that ledger:
+        past the last message, and before anything written next.
+        """
+        ledger, entry, batch = self._admin.last_message_id(self._partition_short(topic, partition))
+        if entry < 0:
+            return pack(max(ledger, 0), 0, 0)
+        return pack(ledger, entry, max(batch, 0)) + 1
 
     # -- topics -------------------------------------------------------------------------------
 
@@ -368,14 +362,7 @@ class PulsarBroker(Broker):
         """
         check_topic_name(topic)
         self._check_open()
-        with self._lock:
-            stale = [k for k in self._producer_wrappers if k[0] == topic]
-            for k in stale:
-                self._producers.pop(k, None)
-            wrappers = [self._producer_wrappers.pop(k) for k in stale]
-        for wrapper in wrappers:
-            with contextlib.suppress(pulsar.PulsarException):
-                wrapper.close()
+        self._producers.drop_topic(topic)
         self._partition_counts.pop(topic, None)
         self._admin.delete_topic(topic)
 
@@ -399,7 +386,8 @@ class PulsarBroker(Broker):
         subs: dict[str, dict[int, dict[str, Any]]] = {}
         for i in range(count):
             name = self._partition_name(topic, i)
-            info, held = extent(i, internal.get(name, {}))
+            short = self._partition_short(topic, i)
+            info, held = extent(i, internal.get(name, {}), functools.partial(self._admin.batch_size, short))
             partitions.append(info)
             ledgers.append(held)
             for sub, sub_stats in stats.get(name, {}).get("subscriptions", {}).items():
@@ -447,8 +435,8 @@ class PulsarBroker(Broker):
             (self._route(partition, key, count), payload, encode_key(key, headers), headers)
             for payload, key, headers, partition in prepared
         ]
-        for lo in range(0, len(items), _CHUNK):
-            self._send(topic, items[lo : lo + _CHUNK])
+        for lo in range(0, len(items), CHUNK):
+            self._producers.send(topic, items[lo : lo + CHUNK])
 
     def _route(self, partition: int | None, key: bytes | None, count: int) -> int:
         if partition is not None:
@@ -458,77 +446,6 @@ class PulsarBroker(Broker):
         if key is not None:
             return partition_for_key(key, count)
         return next(self._spread) % count
-
-    def _send(self, topic: str, items: list[_Item]) -> None:
-        """Send ``items`` and wait for their receipts; resend the failed ones with backoff."""
-        todo = items
-
-        def attempt() -> None:
-            nonlocal todo
-            results = Receipts(len(todo))
-            for i, (partition, payload, partition_key, headers) in enumerate(todo):
-                builder = _pulsar.MessageBuilder()  # a message object is spent once sent, even if it failed
-                builder.content(payload)
-                if partition_key is not None:
-                    builder.partition_key(partition_key)
-                if headers:
-                    builder.properties(headers)
-                self._producer(topic, partition).send_async(builder.build(), results.callback(i))
-            results.wait(self.config.send_timeout_s + self.config.operation_timeout_s)
-            failed = [
-                (item, res)
-                for item, res in zip(todo, results.results, strict=True)
-                if res != pulsar.Result.Ok
-            ]
-            if not failed:
-                return
-            todo = [item for item, _ in failed]
-            for (partition, *_), res in failed:
-                if res in (pulsar.Result.AlreadyClosed, pulsar.Result.Timeout):
-                    # a fresh producer: a reconnect that timed out can stay stuck after a restart
-                    self._drop_producer(topic, partition)
-            first = next((res for _, res in failed if not retryable(res)), failed[0][1])
-            with _map_errors(
-                f"{self._where} (topic {topic!r}: {len(failed)} of {len(results.results)} sends)"
-            ):
-                raise_result(first)
-
-        retrying(self._retry, self._where, f"publish to {topic!r}", attempt)
-
-    def _producer(self, topic: str, partition: int) -> Any:
-        """The raw producer of a partition, created on first use (``_send`` retries failures)."""
-        producer = self._producers.get((topic, partition))
-        if producer is not None:
-            return producer
-        cfg = self.config
-        with _map_errors(self._where):
-            wrapper = self._client.create_producer(
-                self._partition_name(topic, partition),
-                send_timeout_millis=max(1, int(cfg.send_timeout_s * 1000)),
-                batching_enabled=cfg.batching,
-                batching_max_messages=cfg.batching_max_messages,
-                batching_max_allowed_size_in_bytes=4 * 1024 * 1024,
-                batching_max_publish_delay_ms=max(1, int(cfg.batching_max_delay_s * 1000)),
-                max_pending_messages=_MAX_PENDING,
-                block_if_queue_full=True,
-            )
-        with self._lock:
-            existing = self._producer_wrappers.get((topic, partition))
-            if existing is None:  # another thread may have created one meanwhile: keep the first
-                self._producers[(topic, partition)] = wrapper._producer
-                self._producer_wrappers[(topic, partition)] = existing = wrapper
-        if existing is not wrapper:
-            with contextlib.suppress(pulsar.PulsarException):
-                wrapper.close()
-        return existing._producer
-
-    def _drop_producer(self, topic: str, partition: int) -> None:
-        with self._lock:
-            self._producers.pop((topic, partition), None)
-            wrapper = self._producer_wrappers.pop((topic, partition), None)
-        if wrapper is not None:
-            with contextlib.suppress(pulsar.PulsarException):
-                wrapper.close()
 
     # -- consume ------------------------------------------------------------------------------
 
@@ -597,15 +514,10 @@ class PulsarBroker(Broker):
         self._closed = True
         with self._lock:
             consumers = list(self._consumers)
-            wrappers = list(self._producer_wrappers.values())
-            self._producers.clear()
-            self._producer_wrappers.clear()
         try:
             for c in consumers:
                 c.close()
-            for wrapper in wrappers:
-                with contextlib.suppress(pulsar.PulsarException):
-                    wrapper.close()
+            self._producers.close()
         finally:
             self._reaper.stop()
             with contextlib.suppress(pulsar.PulsarException):
