@@ -8,16 +8,15 @@ message as acknowledged when ``publish_many`` returned; every such message must 
 after recovery (duplicates are allowed: at-least-once). A consumer blocked in ``receive`` through
 the kill gets what is published after it. Committed positions must survive the restart, and a
 seek to a position written before it (in a ledger the restart closed) must replay from there.
-One restart only: each one costs 15-30 s of a 2-core machine.
+One restart only: each one costs 15-30 s of a 2-core machine, so Pulsar has this one test, on the
+broker-kill suite's ``Entry`` (test_reconnect.py), rather than that suite's two.
 """
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
@@ -25,49 +24,22 @@ import pytest
 from infeed.brokers import Broker, connect
 from infeed.errors import LeaseLostError
 from infeed.types import Delivery, Position
-from tests.support import ROOT, broker_url, running_brokers
+from tests.integration.test_reconnect import Entry, Worker
+from tests.support import broker_url, running_brokers
 
 BATCH = 100
-#: Seconds to wait for the broker to come back and the consumer to catch up.
-RECOVERY_S = 120.0
-#: Seconds ``scripts/brokers restart pulsar`` may take (it may stop and launch again).
-RESTART_S = 240.0
-OPTIONS = (
+#: The suite's entry for Pulsar: seconds to come back and catch up, and for the restart itself (it
+#: may stop and launch again).
+PULSAR = Entry(
+    "pulsar",
     "reconnect_attempts=40&reconnect_backoff_s=0.05&reconnect_backoff_max_s=1"
-    "&ack_timeout_s=3&send_timeout_s=10&operation_timeout_s=10"
+    "&ack_timeout_s=3&send_timeout_s=10&operation_timeout_s=10",
+    recovery_s=120.0,
+    timeout_s=600,
+    restart_s=240.0,
+    base_url=lambda: f"{broker_url('pulsar')}?admin_url={quote(broker_url('pulsar', 'admin'), safe='')}",
 )
-
-
-class _Worker(threading.Thread):
-    def __init__(self, fn: Callable[[], None]) -> None:
-        super().__init__(daemon=True)
-        self.error: BaseException | None = None
-        self._fn = fn
-
-    def run(self) -> None:
-        try:
-            self._fn()
-        except BaseException as exc:
-            self.error = exc
-
-
-def _url() -> str:
-    admin = quote(broker_url("pulsar", "admin"), safe="")
-    return f"{broker_url('pulsar')}?admin_url={admin}&{OPTIONS}"
-
-
-def _restart() -> None:
-    """SIGKILL the standalone and start it again; check it really is a new process."""
-    before = running_brokers()["pulsar"]["pids"]
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "brokers"), "restart", "pulsar"],
-        capture_output=True,
-        text=True,
-        timeout=RESTART_S,
-        check=False,
-    )
-    assert result.returncode == 0, f"restart failed: {result.stderr}"
-    assert running_brokers()["pulsar"]["pids"] != before, "the broker was not restarted"
+RECOVERY_S = PULSAR.recovery_s
 
 
 def _log_hint() -> str:
@@ -82,9 +54,9 @@ def _ids(payloads: list[bytes]) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.needs_broker("pulsar")
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(PULSAR.timeout_s)
 def test_broker_kill_mid_stream_loses_nothing_acknowledged() -> None:
-    url = _url()
+    url = PULSAR.url()
     topic = f"reconnect-{uuid.uuid4().hex[:10]}"
     producer: Broker = connect(url)
     consumer_broker: Broker = connect(url)
@@ -141,7 +113,7 @@ def test_broker_kill_mid_stream_loses_nothing_acknowledged() -> None:
             idle_waiting.set()
             idle_got.extend(d.payload for d in idle.receive(max_messages=10, timeout_s=1.0))
 
-    workers = [_Worker(produce), _Worker(consume), _Worker(wait_for_one)]
+    workers = [Worker(produce), Worker(consume), Worker(wait_for_one)]
     for w in workers:
         w.start()
     consuming = workers[1]
@@ -157,7 +129,7 @@ def test_broker_kill_mid_stream_loses_nothing_acknowledged() -> None:
             before.extend(batch)
         early.commit(before[2].next_position)
         assert idle_waiting.wait(10)
-        _restart()  # kills the broker under the producer, the consumer and the blocked receive
+        PULSAR.restart()  # kills the broker under the producer, the consumer and the blocked receive
         restarted.set()
         assert published_after_restart.wait(RECOVERY_S), f"the producer did not recover{_log_hint()}"
         producer.publish(quiet, b"after the restart")

@@ -143,7 +143,7 @@ def _params(entries: list[tuple[Entry, int]]) -> list[Any]:
     ]
 
 
-class _Worker(threading.Thread):
+class Worker(threading.Thread):
     def __init__(self, fn: Callable[[], None]) -> None:
         super().__init__(daemon=True)
         self.error: BaseException | None = None
@@ -203,7 +203,7 @@ def test_broker_kill_mid_stream_loses_nothing_acknowledged(entry: Entry) -> None
                 received.update(_id(d.payload) for d in batch)
                 lock.notify_all()
 
-    workers = [_Worker(produce), _Worker(consume)]
+    workers = [Worker(produce), Worker(consume)]
     for w in workers:
         w.start()
     producing, consuming = workers
@@ -273,7 +273,7 @@ def test_waiting_consumer_survives_the_kill(entry: Entry) -> None:
             consumer.ack(batch)
             got.extend(d.payload for d in batch)
 
-    worker = _Worker(wait_for_one)
+    worker = Worker(wait_for_one)
     worker.start()
     try:
         assert waiting.wait(10)
