@@ -17,9 +17,10 @@ from infeed.brokers import connect
 from infeed.brokers.base import Message
 from infeed.brokers.memory import MemoryBroker
 from infeed.codecs import Field, MsgpackCodec, Schema, encode_message
+from infeed.errors import BrokerConnectionError
 from infeed.streams import Producer
 from infeed.training import QueueDataset
-from infeed.training._feed import FeedProcessError
+from infeed.training._feed import FeedProcessError, rebuild_error
 from tests.unit.test_training_dataset import flat, ids_of, records
 
 SCHEMA = Schema({"x": Field("float32", (3,)), "id": Field("int64")})
@@ -161,3 +162,14 @@ def test_where_the_feed_cannot_be_a_process_it_is_a_thread_or_refused(url: str) 
         QueueDataset(url, "t", group="g", schema=SCHEMA, batch_size=4, feed="fork")
     with connect(url) as direct, QueueDataset(direct, "t", group="g", schema=SCHEMA, batch_size=4) as ds:
         assert ds.feed == "process"  # connect() records the URL another process needs
+
+
+def test_errors_of_the_feed_process_come_back_as_their_own_class() -> None:
+    error = rebuild_error({"type": "BrokerConnectionError", "message": "redis://h:1 refused", "trace": "..."})
+    assert isinstance(error, BrokerConnectionError) and "redis://h:1 refused (in the feed process)" in str(
+        error
+    )
+    assert isinstance(rebuild_error({"type": "ValueError", "message": "bad"}), ValueError)
+    other = rebuild_error({"type": "WeirdClientError", "message": "boom", "trace": "Traceback: here"})
+    assert isinstance(other, FeedProcessError) and "WeirdClientError: boom" in str(other)
+    assert "Traceback: here" in str(other)

@@ -31,7 +31,7 @@ from infeed.training._start import plan_from_json, plan_to_json
 from infeed.training.state import decode_positions, encode_positions
 from infeed.types import Position
 
-__all__ = ["FeedProcessError", "ProcessFeed"]
+__all__ = ["FeedProcessError", "ProcessFeed", "rebuild_error"]
 
 #: How long ``stop`` waits for the feed process to leave its group before killing it.
 STOP_WAIT_S = 10.0
@@ -42,7 +42,7 @@ class FeedProcessError(RuntimeError):
     """The feed process failed with an error that is not one of infeed's or Python's own."""
 
 
-def _rebuild(frame: Mapping[str, Any]) -> BaseException:
+def rebuild_error(frame: Mapping[str, Any]) -> BaseException:
     """The feed process's error as an exception of the same class where it is infeed's or built in."""
     name, message = str(frame.get("type")), f"{frame.get('message')} (in the feed process)"
     cls = getattr(errors, name, None) or getattr(builtins, name, None)
@@ -267,9 +267,9 @@ class ProcessFeed:
                 if frame["error"] is None:
                     future.set_result(None)
                 else:
-                    future.set_exception(_rebuild(frame["error"]))
+                    future.set_exception(rebuild_error(frame["error"]))
         elif kind == "failed":
-            error = _rebuild(frame)
+            error = rebuild_error(frame)
             if not self._ready.done():
                 self._ready.set_exception(error)
             else:
