@@ -29,7 +29,7 @@ from infeed.codecs import Schema
 from infeed.streams import StreamConsumer
 from infeed.training._chunks import Chunk
 from infeed.training._prefetch import EpochEnd, Failed, Idle, Item, Prefetcher, StreamEnd, TapConsumer
-from infeed.training._ring import RingWriter, encode_chunk, read_frame, write_frame
+from infeed.training._ring import RingWriter, encode_chunk, map_ring, read_frame, write_frame
 from infeed.training._start import plan_from_json, plan_to_json, position_at_start
 from infeed.training.state import decode_positions, encode_positions
 from infeed.types import Capability, Position
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python -m infeed.training._feed_child RING_FD", file=sys.stderr)
         return 2
-    mapping = mmap.mmap(int(argv[1]), 0)  # never closed: views of it live until the process ends
+    mapping = map_ring(int(argv[1]))  # never closed: views of it live until the process ends
     frames = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt the frames
     sys.stdout = sys.stderr

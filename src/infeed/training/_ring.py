@@ -33,6 +33,7 @@ __all__ = [
     "create_ring",
     "decode_chunk",
     "encode_chunk",
+    "map_ring",
     "read_frame",
     "write_frame",
 ]
@@ -61,10 +62,20 @@ def create_ring(capacity_bytes: int) -> tuple[int, mmap.mmap]:
     fd = os.memfd_create("infeed-feed")
     try:
         os.ftruncate(fd, HEADER_BYTES + capacity_bytes)
-        return fd, mmap.mmap(fd, HEADER_BYTES + capacity_bytes)
+        return fd, map_ring(fd)
     except BaseException:
         os.close(fd)
         raise
+
+
+def map_ring(fd: int) -> mmap.mmap:
+    """Map the ring behind ``fd`` with every page in place at once.
+
+    Otherwise each page costs a fault (and, the first time, zeroing) when first written in the
+    feed process and again when first read here: ~1-2 µs per record over the first pass.
+    """
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, os.fstat(fd).st_size, flags=flags)
 
 
 def _aligned(n: int) -> int:
