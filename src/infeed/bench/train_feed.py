@@ -107,12 +107,15 @@ def _peak_rss() -> Iterator[list[int | None]]:
         yield out
         return
     proc = psutil.Process()
+    own = proc.cmdline()
 
     def rss() -> int:  # this process and its children (a dataset's feed process)
         total = proc.memory_info().rss
         for child in proc.children():
             with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
+                # A child forked but not yet exec'd shares (and shows) all of this process's pages.
+                if child.cmdline() != own:
+                    total += child.memory_info().rss
         return total
 
     start = peak = rss()
