@@ -113,33 +113,44 @@ def test_a_killed_feed_process_fails_the_iteration_instead_of_hanging(url: str) 
 
 _TRAINER = textwrap.dedent(
     """
-    import sys
+    import os, sys, time
     from infeed.codecs import Field, Schema
     from infeed.training import QueueDataset
     schema = Schema({"x": Field("float32", (3,)), "id": Field("int64")})
     ds = QueueDataset(sys.argv[1], "t", group="g", schema=schema, batch_size=10)
     next(iter(ds))
-    print(ds._remote._proc.pid, flush=True)
+    holder = 0
+    if sys.argv[2] == "fork":  # a process forked from the trainer keeps the feed's pipes open
+        holder = os.fork()
+        if holder == 0:
+            time.sleep(120)
+            os._exit(0)
+    print(ds._remote._proc.pid, holder, flush=True)
     sys.stdin.read()
     """
 )
 
 
-def test_the_feed_process_ends_when_the_training_process_is_killed(url: str) -> None:
+@pytest.mark.parametrize("fork", ["alone", "fork"])
+def test_the_feed_process_ends_when_the_training_process_is_killed(url: str, fork: str) -> None:
     fill(url, 50, 1)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     trainer = subprocess.Popen(
-        [sys.executable, "-c", _TRAINER, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        [sys.executable, "-c", _TRAINER, url, fork], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
     )
     assert trainer.stdin is not None and trainer.stdout is not None
     with trainer.stdin, trainer.stdout:
-        feed_pid = int(trainer.stdout.readline())
+        feed_pid, holder = map(int, trainer.stdout.readline().split())
         os.kill(trainer.pid, signal.SIGKILL)
         trainer.wait()
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{feed_pid}").exists() and _state(feed_pid) != "Z":
-        assert time.monotonic() < deadline, "the feed process outlived its training process"
-        time.sleep(0.05)
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{feed_pid}").exists() and _state(feed_pid) != "Z":
+            assert time.monotonic() < deadline, "the feed process outlived its training process"
+            time.sleep(0.05)
+    finally:
+        if holder:
+            os.kill(holder, signal.SIGKILL)
 
 
 def _state(pid: int) -> str:

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import IO, Any
 
@@ -194,9 +195,32 @@ def _serve(stdin: IO[bytes], out: _Out, mapping: mmap.mmap) -> int:
         feed.close()
 
 
+#: How often the feed process checks that its training process is still there.
+ORPHAN_CHECK_S = 0.5
+
+
+def _leave(signum: int, frame: Any) -> None:
+    raise SystemExit(0)  # unwinds through ``_serve``'s finally: the consumer leaves its group
+
+
+def _watch_parent(parent: int) -> None:
+    """SIGTERM this process once the training process is gone.
+
+    The end of stdin says so at once, unless another process forked from the training process
+    still holds the pipe; then being re-parented does.
+    """
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str]) -> int:
     """Serve one dataset's feed; the ring's file descriptor is ``argv[1]``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the training process, which stops us
+    signal.signal(signal.SIGTERM, _leave)
+    threading.Thread(
+        target=_watch_parent, args=(os.getppid(),), name="infeed-feed-orphan", daemon=True
+    ).start()
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python -m infeed.training._feed_child RING_FD", file=sys.stderr)
         return 2
