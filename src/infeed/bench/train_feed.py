@@ -178,15 +178,17 @@ def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: 
     from infeed.training import QueueDataset, Trainer
 
     model, opt = _model()
-    last = [0.0, 0.0]  # wall, CPU (this process plus its feed process)
+    last = [0.0, 0.0]  # wall, CPU of this process
     first = [0.0, 0.0]
+    feed_cpu = [0.0, 0.0]  # the feed process's CPU at the first step and once the last ended
     busy = [0.0, 0.0]  # wait, compute: after the first batch (whose wait is the startup)
     datasets: list[QueueDataset] = []
 
     def on_step(info: StepInfo) -> None:
-        last[0], last[1] = time.perf_counter(), time.process_time() + datasets[0].feed_cpu_s()
+        last[0], last[1] = time.perf_counter(), time.process_time()
         if info.step == 1:
             first[0], first[1] = last[0] - info.compute_s, last[1] - info.compute_s
+            feed_cpu[0] = datasets[0].feed_cpu_s()  # read once, not every step: it costs a /proc read
         else:
             busy[0] += info.data_wait_s
         busy[1] += info.compute_s
@@ -207,6 +209,7 @@ def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: 
                 on_step=on_step,
             )
             result = trainer.fit()
+            feed_cpu[1] = ds.feed_cpu_s()  # (after the final checkpoint, while the feed idles)
     each = result.checkpoint_s / result.checkpoints if result.checkpoints else None
     return _Run(
         last[0] - first[0],
@@ -216,7 +219,7 @@ def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: 
         rss[0],
         first[0] - started,
         each,
-        last[1] - first[1],
+        last[1] - first[1] + feed_cpu[1] - feed_cpu[0],
     )
 
 
