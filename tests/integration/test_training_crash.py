@@ -195,6 +195,19 @@ if importlib.util.find_spec("infeed.brokers.pulsar") is not None:
     BACKENDS["pulsar"] = _pulsar
 
 
+def _proc_state(pid: int) -> str:
+    """The state and kernel wait channel of each thread of ``pid`` (Linux ``/proc``), or why not."""
+    out = []
+    try:
+        for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text() if (task / "wchan").exists() else "?"
+            out.append(f"{task.name}:{state}:{wchan}")
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    return " ".join(out) or "no threads"
+
+
 class _Runs:
     """The process that forks the trainer runs; its stdout lines are read by a thread."""
 
@@ -320,7 +333,11 @@ def test_sigkill_anywhere_then_resume_trains_every_sample_exactly_once(backend: 
             os.kill(pid, signal.SIGKILL)
             last_phase = next((line for line in reversed(runs.seen) if line.startswith("phase")), "")
             where_killed.append(f"{where}@{step} ({runs.seen[-1]}; {last_phase})")
-            assert runs.wait_for(lambda line: line.startswith("exit "), deadline) == f"exit {pid} -9"
+            try:
+                exited = runs.wait_for(lambda line: line.startswith("exit "), deadline)
+            except AssertionError as exc:  # what the killed process is stuck on, for whoever reads this
+                raise AssertionError(f"{exc}\nkilled process {pid}: {_proc_state(pid)}") from None
+            assert exited == f"exit {pid} -9"
         runs.wait_for(lambda line: line.startswith("exit "), deadline)
         assert runs.seen[-1].endswith(" 0"), runs.seen[-5:]
     finally:

@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from typing import IO, Any
 
@@ -192,6 +191,7 @@ def _serve(stdin: IO[bytes], out: _Out, mapping: mmap.mmap) -> int:
         out.send({"t": "failed", **error_frame(exc)})
         return 1
     finally:
+        _LEAVING.set()
         feed.close()
 
 
@@ -199,19 +199,26 @@ def _serve(stdin: IO[bytes], out: _Out, mapping: mmap.mmap) -> int:
 ORPHAN_CHECK_S = 0.5
 
 
+#: Set once the feed is leaving: a SIGTERM then must not cut its goodbye to the broker short.
+_LEAVING = threading.Event()
+
+
 def _leave(signum: int, frame: Any) -> None:
-    raise SystemExit(0)  # unwinds through ``_serve``'s finally: the consumer leaves its group
+    if not _LEAVING.is_set():
+        raise SystemExit(0)  # unwinds through ``_serve``'s finally: the consumer leaves its group
 
 
 def _watch_parent(parent: int) -> None:
-    """SIGTERM this process once the training process is gone.
+    """SIGTERM this process once the training process is gone, unless it is leaving already.
 
     The end of stdin says so at once, unless another process forked from the training process
     still holds the pipe; then being re-parented does.
     """
     while os.getppid() == parent:
-        time.sleep(ORPHAN_CHECK_S)
-    os.kill(os.getpid(), signal.SIGTERM)
+        if _LEAVING.wait(ORPHAN_CHECK_S):
+            return
+    if not _LEAVING.is_set():
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str]) -> int:
