@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from rich.console import Console
 
 from infeed.bench import train_feed
+from infeed.bench._feed_loops import PeakRss
 
 
 def test_train_feed_writes_every_variant_with_ratios(tmp_path: Path) -> None:
@@ -32,3 +36,24 @@ def test_train_feed_writes_every_variant_with_ratios(tmp_path: Path) -> None:
         assert len(result["samples_per_s"]["reps"]) == 1, name
         assert result["ratio_to_tensors"]["median"] > 0, name
     assert "checkpoint_cost" in memory[f"infeed rb64 ckpt/{train_feed.CHECKPOINT_EVERY_STEPS}"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's high-water marks")
+def test_peak_rss_counts_a_freed_peak_and_a_live_child() -> None:
+    mib = 2**20
+    hold = (
+        "import sys; a = bytearray(48 * 2**20); a[::4096] = b'x' * len(a[::4096]); "
+        "print(1, flush=True); sys.stdin.read()"
+    )
+    with PeakRss() as rss:
+        block = bytearray(32 * mib)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page
+        del block  # freed before the block ends: its peak still counts
+        child = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == b"1"
+            rss.note_children()
+        finally:
+            child.communicate(b"")
+    assert rss.growth is not None
+    assert rss.growth >= (32 + 48) * mib

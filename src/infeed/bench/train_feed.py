@@ -11,9 +11,10 @@ checkpoint every ``CHECKPOINT_EVERY_STEPS`` steps ÷ one with a checkpoint only 
 A run's clock starts when the first batch is in hand and stops after the last step (the Trainer's
 final checkpoint is not counted; intermediate ones are): steady-state training. The time from
 before subscribing to the first batch is reported apart as ``startup_s``. Stall share is the time
-steps waited for data ÷ (waiting + compute). Peak RSS is the resident set of the process and its
-children (a dataset's feed process) during the run, sampled every 10 ms, minus the resident set
-before it (psutil; omitted when it is missing). CPU per sample counts the feed process too.
+steps waited for data ÷ (waiting + compute). Peak RSS is the kernel's high-water mark of the process
+over the run (reset as it starts) minus the resident set then, plus the peak of its children (a
+dataset's feed process): nothing samples it, so measuring costs the run nothing (Linux only; omitted
+elsewhere). CPU per sample counts the feed process too.
 """
 
 from __future__ import annotations
@@ -21,34 +22,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
 
+from infeed.bench import _feed_loops as loops
 from infeed.bench import harness
+from infeed.bench._feed_loops import BATCH
 from infeed.bench.brokers import DEFAULT_BROKERS_FILE, Backend, discover
 from infeed.brokers import Broker, connect
-from infeed.codecs import Field, RecordBatch, Schema, decode_message, default_registry
-from infeed.streams import Producer
 from infeed.types import Capability
-
-if TYPE_CHECKING:  # torch is an extra: imported when a run starts, not with the bench CLI
-    import torch
-
-    from infeed.training import StepInfo
 
 __all__ = ["BATCH", "CHECKPOINT_EVERY_STEPS", "DEFAULT_STEPS", "TARGETS", "VARIANTS", "cli", "run"]
 
-#: Records per step (mlp-784's batch).
-BATCH = 256
 #: Steps per run (the topic holds ``steps * BATCH`` records).
 DEFAULT_STEPS = 150
 #: Steps of the one-message-at-a-time loop (a shorter run: it is slow on every backend).
@@ -57,7 +49,6 @@ ONE_AT_A_TIME_STEPS = 16
 CHECKPOINT_EVERY_STEPS = 10
 #: Figure 2's targets (ratio to the in-memory loop) per packing; figure 3's largest cost.
 TARGETS = {"rb64": 0.95, "rb1": 0.9, "checkpoint_cost": 0.03}
-SCHEMA = Schema({"x": Field("float32", (784,)), "y": Field("int64")})
 
 #: name -> (packing: records per message or 0 for in-memory tensors, description)
 VARIANTS: dict[str, tuple[int, str]] = {
@@ -76,229 +67,6 @@ VARIANTS: dict[str, tuple[int, str]] = {
 }
 
 
-@dataclass
-class _Run:
-    seconds: float
-    samples: int
-    wait_s: float = 0.0
-    compute_s: float = 0.0
-    rss_peak_bytes: int | None = None
-    startup_s: float = 0.0
-    checkpoint_each_s: float | None = None
-    cpu_s: float = 0.0  # process CPU time over the clocked span (every thread)
-
-    @property
-    def rate(self) -> float:
-        return self.samples / self.seconds
-
-    @property
-    def stall(self) -> float | None:
-        busy = self.wait_s + self.compute_s
-        return self.wait_s / busy if busy else None
-
-
-@contextlib.contextmanager
-def _peak_rss() -> Iterator[list[int | None]]:
-    """Yield a one-item list that holds the peak RSS growth in bytes once the block ends."""
-    out: list[int | None] = [None]
-    try:
-        import psutil
-    except ImportError:
-        yield out
-        return
-    proc = psutil.Process()
-    own = proc.cmdline()
-
-    def rss() -> int:  # this process and its children (a dataset's feed process)
-        total = proc.memory_info().rss
-        for child in proc.children():
-            with contextlib.suppress(psutil.Error):
-                # A child forked but not yet exec'd shares (and shows) all of this process's pages.
-                if child.cmdline() != own:
-                    total += child.memory_info().rss
-        return total
-
-    start = peak = rss()
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.wait(0.01):
-            peak = max(peak, rss())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        out[0] = max(peak, rss()) - start
-
-
-def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    import torch
-
-    from infeed.training.models import mlp_784
-
-    torch.manual_seed(0)
-    model = mlp_784()
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
-
-
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    import torch
-
-    opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    torch.autograd.backward(loss)
-    opt.step()
-    return float(loss.detach())
-
-
-def _tensors(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> _Run:
-    import torch
-
-    model, opt = _model()
-    xs, ys = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
-    with _peak_rss() as rss:
-        started, cpu = time.perf_counter(), time.process_time()
-        compute = 0.0
-        for start in range(0, len(xs), BATCH):
-            t = time.perf_counter()
-            _step(model, opt, xs[start : start + BATCH], ys[start : start + BATCH])
-            compute += time.perf_counter() - t
-        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return _Run(seconds, len(xs), 0.0, compute, rss[0], cpu_s=cpu)
-
-
-def _infeed(broker: Broker, topic: str, group: str, every: int | None, workdir: Path, feed: str) -> _Run:
-    import torch
-
-    from infeed.training import QueueDataset, Trainer
-
-    model, opt = _model()
-    last = [0.0, 0.0]  # wall, CPU of this process
-    first = [0.0, 0.0]
-    feed_cpu = [0.0, 0.0]  # the feed process's CPU at the first step and once the last ended
-    busy = [0.0, 0.0]  # wait, compute: after the first batch (whose wait is the startup)
-    datasets: list[QueueDataset] = []
-
-    def on_step(info: StepInfo) -> None:
-        last[0], last[1] = time.perf_counter(), time.process_time()
-        if info.step == 1:
-            first[0], first[1] = last[0] - info.compute_s, last[1] - info.compute_s
-            feed_cpu[0] = datasets[0].feed_cpu_s()  # read once, not every step: it costs a /proc read
-        else:
-            busy[0] += info.data_wait_s
-        busy[1] += info.compute_s
-
-    with _peak_rss() as rss:
-        started = time.perf_counter()
-        with QueueDataset(
-            broker, topic, group=group, schema=SCHEMA, batch_size=BATCH, epochs=1, feed=feed
-        ) as ds:
-            datasets.append(ds)
-            trainer = Trainer(
-                model,
-                opt,
-                torch.nn.functional.cross_entropy,
-                ds,
-                checkpoint_dir=workdir / f"ckpt-{topic}-{group}",
-                checkpoint_every_steps=every,
-                on_step=on_step,
-            )
-            result = trainer.fit()
-            feed_cpu[1] = ds.feed_cpu_s()  # (after the final checkpoint, while the feed idles)
-    each = result.checkpoint_s / result.checkpoints if result.checkpoints else None
-    return _Run(
-        last[0] - first[0],
-        result.samples,
-        busy[0],
-        busy[1],
-        rss[0],
-        first[0] - started,
-        each,
-        last[1] - first[1] + feed_cpu[1] - feed_cpu[0],
-    )
-
-
-def _infeed_stream(broker: Broker, topic: str, group: str, samples: int) -> _Run:
-    """``QueueDataset`` on a broker without seek: the same steps, no Trainer (it cannot resume exactly)."""
-    from infeed.training import QueueDataset
-
-    model, opt = _model()
-    wait = compute = 0.0
-    with _peak_rss() as rss:
-        started = time.perf_counter()
-        got = 0
-        first = cpu0 = 0.0
-        with QueueDataset(
-            broker, topic, group=group, schema=SCHEMA, batch_size=BATCH, idle_timeout_s=5.0
-        ) as ds:
-            t0 = time.perf_counter()
-            for batch in ds:
-                t1 = time.perf_counter()
-                if not got:
-                    first, cpu0 = t1, time.process_time()
-                else:
-                    wait += t1 - t0
-                _step(model, opt, batch["x"], batch["y"])
-                t0 = time.perf_counter()
-                compute += t0 - t1
-                got += len(batch["y"])
-                if got >= samples:
-                    break
-            seconds, cpu = time.perf_counter() - first, time.process_time() - cpu0
-    return _Run(seconds, got, wait, compute, rss[0], first - started, cpu_s=cpu)
-
-
-def _hand(broker: Broker, topic: str, group: str, samples: int, per_receive: int) -> _Run:
-    """The loop people write: receive, decode, stack, step, ack (``per_receive`` messages a call)."""
-    import torch
-
-    model, opt = _model()
-    codecs = default_registry()
-    wait = compute = 0.0
-    with _peak_rss() as rss:
-        started = time.perf_counter()
-        consumer = broker.subscribe(topic, group=group, start="earliest")
-        got = 0
-        startup = first = cpu0 = 0.0
-        xs: list[np.ndarray[Any, Any]] = []
-        ys: list[np.ndarray[Any, Any]] = []
-        held = 0
-        t0 = time.perf_counter()
-        while got < samples:
-            deliveries = consumer.receive(max_messages=per_receive, timeout_s=1.0)
-            for d in deliveries:
-                batch = decode_message(d.payload, d.headers, codecs)
-                xs.append(batch.columns["x"])
-                ys.append(batch.columns["y"])
-                held += len(batch)
-            consumer.ack(deliveries)
-            if held >= BATCH or (deliveries and got + held >= samples):
-                x, y = np.concatenate(xs), np.concatenate(ys)
-                t1 = time.perf_counter()
-                if not got:
-                    startup, first, cpu0 = t1 - started, t1, time.process_time()
-                else:
-                    wait += t1 - t0
-                _step(model, opt, torch.from_numpy(x), torch.from_numpy(y))
-                t2 = time.perf_counter()
-                compute += t2 - t1
-                got += held
-                xs, ys, held, t0 = [], [], 0, t2
-        seconds, cpu = time.perf_counter() - first, time.process_time() - cpu0
-        consumer.close()
-    return _Run(seconds, got, wait, compute, rss[0], startup, cpu_s=cpu)
-
-
-def _fill(broker: Broker, topic: str, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], per: int) -> None:
-    with Producer(broker, topic, records_per_message=per, messages_per_publish=500) as producer:
-        producer.send_batch(RecordBatch({"x": x, "y": y}))
-
-
 def _measure(
     name: str,
     broker: Broker,
@@ -307,19 +75,21 @@ def _measure(
     y: np.ndarray[Any, Any],
     group: str,
     workdir: Path,
-) -> _Run:
+) -> loops.Run:
     packing = VARIANTS[name][0]
     if packing == 0:
-        return _tensors(x, y)
+        return loops.tensors(x, y)
     topic = topics[packing]
     if name.startswith("infeed"):
         if not broker.supports(Capability.SEEK):
-            return _infeed_stream(broker, topic, group, len(x))
+            return loops.infeed_stream(broker, topic, group, len(x))
         every = CHECKPOINT_EVERY_STEPS if "ckpt/" in name else None
-        return _infeed(broker, topic, group, every, workdir, "thread" if name.endswith("thread") else "auto")
+        return loops.infeed(
+            broker, topic, group, every, workdir, "thread" if name.endswith("thread") else "auto"
+        )
     if "one-at-a-time" in name:  # slow everywhere: a shorter run measures its rate as well
-        return _hand(broker, topic, group, min(len(x), ONE_AT_A_TIME_STEPS * BATCH), 1)
-    return _hand(broker, topic, group, len(x), BATCH // packing)
+        return loops.hand(broker, topic, group, min(len(x), ONE_AT_A_TIME_STEPS * BATCH), 1)
+    return loops.hand(broker, topic, group, len(x), BATCH // packing)
 
 
 def _bench_backend(
@@ -344,7 +114,7 @@ def _bench_backend(
         # No exact resume there: the Trainer refuses to checkpoint, so figure 3 has nothing to measure.
         names = [v for v in names if "ckpt/" not in v]
         say(f"  {backend.name}: no SEEK: infeed runs QueueDataset without the Trainer; no checkpoint variant")
-    runs: dict[str, list[_Run]] = {name: [] for name in names}
+    runs: dict[str, list[loops.Run]] = {name: [] for name in names}
 
     def group_of(rep: int, name: str) -> str:
         return f"g{rep}-{name.replace(' ', '-').replace('/', '')}"
@@ -359,7 +129,7 @@ def _bench_backend(
                     for name in names:
                         if VARIANTS[name][0] == packing:
                             broker.subscribe(topics[packing], group=group_of(rep, name)).close()
-            _fill(broker, topics[packing], x, y, packing)
+            loops.fill(broker, topics[packing], x, y, packing)
         say(f"  {backend.name}: {n:,} samples ({steps} steps of {BATCH}) x {repetitions} repetitions")
         _measure("tensors", broker, topics, x[: BATCH * 4], y[: BATCH * 4], "warm", workdir)  # warm-up
         for rep in range(repetitions):
