@@ -15,6 +15,8 @@ __all__ = [
     "PartitionInfo",
     "Position",
     "TopicInfo",
+    "trusted_delivery",
+    "trusted_position",
 ]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -165,6 +167,54 @@ class Delivery:
         """The resume point just after this message: what to ``commit`` once it is done."""
         p = self.position
         return Position(p.topic, p.partition, p.offset + 1)
+
+
+_new = object.__new__
+_POSITION_SLOTS = tuple(
+    getattr(Position, name).__set__ for name in ("topic", "partition", "offset", "record")
+)
+_DELIVERY_SLOTS = tuple(
+    getattr(Delivery, name).__set__
+    for name in ("payload", "key", "headers", "position", "delivery_count", "timestamp", "receipt")
+)
+
+
+def trusted_position(topic: str, partition: int, offset: int) -> Position:
+    """``Position(topic, partition, offset)`` without its checks, for a backend's receive loop.
+
+    Only for values the backend already knows are valid (its own topic, partitions and offsets):
+    a frozen dataclass's ``__init__`` and checks cost ~1 µs a message, which adds up at one record
+    per message.
+    """
+    position: Position = _new(Position)
+    set_topic, set_partition, set_offset, set_record = _POSITION_SLOTS
+    set_topic(position, topic)
+    set_partition(position, partition)
+    set_offset(position, offset)
+    set_record(position, 0)
+    return position
+
+
+def trusted_delivery(
+    payload: bytes,
+    key: bytes | None,
+    headers: Mapping[str, str],
+    position: Position,
+    delivery_count: int,
+    timestamp: float,
+    receipt: Any,
+) -> Delivery:
+    """``Delivery(...)`` with every field given, built about twice as fast (a receive loop's)."""
+    delivery: Delivery = _new(Delivery)
+    s_payload, s_key, s_headers, s_position, s_count, s_timestamp, s_receipt = _DELIVERY_SLOTS
+    s_payload(delivery, payload)
+    s_key(delivery, key)
+    s_headers(delivery, headers)
+    s_position(delivery, position)
+    s_count(delivery, delivery_count)
+    s_timestamp(delivery, timestamp)
+    s_receipt(delivery, receipt)
+    return delivery
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infeed.types import Delivery, Position
+from infeed.types import Delivery, Position, trusted_delivery, trusted_position
 
 topics = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-", min_size=1, max_size=30)
 positions = st.builds(
@@ -62,3 +62,17 @@ def test_next_position_is_just_after() -> None:
     d = Delivery(b"x", None, {}, Position("t", 2, 41))
     assert d.next_position == Position("t", 2, 42)
     assert (d.topic, d.partition) == ("t", 2)
+
+
+@given(st.text(min_size=1).filter(lambda t: ":" not in t), st.integers(0, 2**20), st.integers(0, 2**80))
+def test_trusted_constructors_build_what_the_checked_ones_do(topic: str, partition: int, offset: int) -> None:
+    position = trusted_position(topic, partition, offset)
+    assert position == Position(topic, partition, offset)
+    assert hash(position) == hash(Position(topic, partition, offset))
+    assert position.record == 0
+    delivery = trusted_delivery(b"p", b"k", {"h": "v"}, position, 3, 1.5, "receipt")
+    assert delivery == Delivery(b"p", b"k", {"h": "v"}, Position(topic, partition, offset), 3, 1.5, "other")
+    assert delivery.receipt == "receipt"
+    assert delivery.next_position == Position(topic, partition, offset + 1)
+    with pytest.raises(AttributeError):  # still frozen
+        delivery.payload = b"x"  # type: ignore[misc]

@@ -35,7 +35,7 @@ from infeed.errors import (
     LeaseLostError,
     TopicNotFoundError,
 )
-from infeed.types import Delivery, Position
+from infeed.types import Delivery, Position, trusted_delivery, trusted_position
 
 if TYPE_CHECKING:
     from infeed.brokers.kafka import KafkaBroker
@@ -306,11 +306,11 @@ class _KafkaConsumer(Consumer):
                 {k: v.decode("utf-8", "replace") if v is not None else "" for k, v in raw} if raw else {}
             )
             kind, ms = m.timestamp()
-            delivery = Delivery(
+            delivery = trusted_delivery(
                 m.value() or b"",
                 m.key(),
                 headers,
-                Position(topic, partition, offset),
+                trusted_position(topic, partition, offset),
                 count,
                 ms / 1000.0 if kind != not_available else 0.0,
                 next(receipts),

@@ -50,7 +50,7 @@ from infeed.errors import (
     LeaseLostError,
     TopicNotFoundError,
 )
-from infeed.types import Delivery, Position
+from infeed.types import Delivery, trusted_delivery, trusted_position
 
 #: Extra seconds a long poll may take beyond its expiry before its consumer is looked up.
 _POLL_GRACE_S = 0.5
@@ -342,11 +342,11 @@ class Puller:
         base = 2 if len(tokens) == 9 else 4
         key, headers = decode_headers(msg.headers)
         self._leases[reply] = (arrived, partition)
-        return Delivery(
+        return trusted_delivery(
             msg.data,
             key,
             headers,
-            Position(self.topic, partition, int(tokens[base + 3])),
+            trusted_position(self.topic, partition, int(tokens[base + 3])),
             int(tokens[base + 2]),
             int(tokens[base + 5]) / 1e9,
             reply,  # the receipt: the ack subject, a key of this member's leases

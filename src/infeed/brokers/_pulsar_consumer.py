@@ -44,7 +44,7 @@ from infeed.errors import (
     LeaseLostError,
     UnsupportedOperationError,
 )
-from infeed.types import Delivery, Position
+from infeed.types import Delivery, Position, trusted_delivery, trusted_position
 
 if TYPE_CHECKING:
     from infeed.brokers.pulsar import PulsarBroker
@@ -255,11 +255,11 @@ class _PulsarConsumer(Consumer):
                 lease = _Lease(next(_tokens), part, raw, offset, msg, count)
                 leases.append(lease)
                 out.append(
-                    Delivery(
+                    trusted_delivery(
                         msg.data(),
                         key,
                         headers,
-                        Position(topic, index, offset),
+                        trusted_position(topic, index, offset),
                         count,
                         msg.publish_timestamp() / 1000.0,
                         lease.token,

@@ -42,7 +42,14 @@ from infeed.brokers._rabbitmq_registry import TopicMeta
 from infeed.brokers._rabbitmq_topology import queue_name
 from infeed.brokers.base import Consumer, Message, as_deliveries, dead_letter_headers
 from infeed.errors import BrokerConnectionError, ConsumerClosedError, LeaseLostError
-from infeed.types import Delivery, GroupInfo, PartitionInfo, Position, TopicInfo
+from infeed.types import (
+    Delivery,
+    GroupInfo,
+    PartitionInfo,
+    TopicInfo,
+    trusted_delivery,
+    trusted_position,
+)
 
 if TYPE_CHECKING:
     from infeed.brokers.rabbitmq import RabbitMQBroker
@@ -292,8 +299,8 @@ class QueueConsumer(Consumer):
             lease = _Lease(self, state, sub, method.delivery_tag, count, body, props)
             lease.deadline = deadline
             leases[method.delivery_tag] = lease
-            position = Position(topic, sub.partition, d.stamp)
-            out.append(Delivery(body, d.key, d.headers, position, count, d.stamp / 1e9, lease))
+            position = trusted_position(topic, sub.partition, d.stamp)
+            out.append(trusted_delivery(body, d.key, d.headers, position, count, d.stamp / 1e9, lease))
         return out
 
     # -- lease timer (I/O thread) -------------------------------------------------------------

@@ -39,7 +39,7 @@ from infeed.brokers._rabbitmq_state import (
 )
 from infeed.brokers.base import Consumer, Message, StartFrom, as_deliveries, as_positions, dead_letter_headers
 from infeed.errors import BrokerTimeoutError, ConsumerClosedError, LeaseLostError
-from infeed.types import Capability, Delivery, Position, TopicInfo
+from infeed.types import Capability, Delivery, Position, TopicInfo, trusted_delivery, trusted_position
 
 if TYPE_CHECKING:
     from infeed.brokers.rabbitmq import RabbitMQBroker
@@ -315,11 +315,11 @@ class StreamGroup(GroupLock):
     def _lease(self, owner: StreamConsumer, rec: _Rec, count: int, deadline: float) -> Delivery:
         lease = _Lease(owner, rec, count, deadline)
         self.inflight[rec.offset] = lease
-        return Delivery(
+        return trusted_delivery(
             rec.payload,
             rec.key,
             rec.headers,
-            Position(self.topic, 0, rec.offset),
+            trusted_position(self.topic, 0, rec.offset),
             count,
             rec.timestamp,
             lease,

@@ -28,7 +28,7 @@ from infeed.brokers.base import (
     partition_for_key,
 )
 from infeed.errors import BrokerError, ConsumerClosedError, LeaseLostError, TopicNotFoundError
-from infeed.types import Delivery, Position
+from infeed.types import Delivery, Position, trusted_delivery, trusted_position
 
 if TYPE_CHECKING:
     from infeed.brokers.redis import RedisBroker
@@ -183,8 +183,8 @@ class _RedisConsumer(Consumer):
                     payload, key, headers, ts = wire.decode_fields(fields)
                     last_raw = b""
                 offset = int(entry_id[2:]) if entry_id[:2] == b"0-" else wire.id_to_offset(entry_id)
-                position = Position(topic, partition, offset)
-                append(Delivery(payload, key, headers, position, 1, ts, (name, entry_id)))
+                position = trusted_position(topic, partition, offset)
+                append(trusted_delivery(payload, key, headers, position, 1, ts, (name, entry_id)))
         return out
 
     def _delivery(self, partition: int, entry_id: bytes, fields: list[bytes], count: int) -> Delivery:

@@ -20,7 +20,7 @@ from typing import NamedTuple, cast
 
 from infeed.brokers.base import partition_for_key
 from infeed.errors import BrokerError
-from infeed.types import Delivery, GroupInfo, Position
+from infeed.types import Delivery, GroupInfo, Position, trusted_delivery, trusted_position
 
 OFFSET_BITS = 42
 _MAX_PARTITION_ID = (1 << (63 - OFFSET_BITS)) - 1
@@ -216,11 +216,11 @@ def _read(
     """Messages [start, stop) of the partition ``pos`` names, as deliveries."""
     topic, part = pos.topic, pos.partition
     return [
-        Delivery(
+        trusted_delivery(
             payload,
             key,
             json.loads(headers) if headers else {},
-            Position(topic, part, i - base),
+            trusted_position(topic, part, i - base),
             count,
             ts,
             token,

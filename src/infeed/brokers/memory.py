@@ -39,7 +39,16 @@ from infeed.errors import (
     LeaseLostError,
     TopicNotFoundError,
 )
-from infeed.types import Capability, Delivery, GroupInfo, PartitionInfo, Position, TopicInfo
+from infeed.types import (
+    Capability,
+    Delivery,
+    GroupInfo,
+    PartitionInfo,
+    Position,
+    TopicInfo,
+    trusted_delivery,
+    trusted_position,
+)
 
 __all__ = ["MemoryBroker", "MemoryConfig"]
 
@@ -370,11 +379,11 @@ class _MemoryConsumer(Consumer):
                 token = next(self._b._tokens)
                 gp.inflight[offset] = _Lease(token, now + lease_s, count, self._token)
                 out.append(
-                    Delivery(
+                    trusted_delivery(
                         rec.payload,
                         rec.key,
                         rec.headers,
-                        Position(self.topic, p, offset),
+                        trusted_position(self.topic, p, offset),
                         count,
                         rec.timestamp,
                         token,
