@@ -28,9 +28,9 @@ from infeed.brokers import Broker, connect
 from infeed.codecs import Schema
 from infeed.streams import StreamConsumer
 from infeed.training._chunks import Chunk
-from infeed.training._prefetch import EpochEnd, Failed, Idle, Item, Prefetcher, StreamEnd, TapConsumer
+from infeed.training._prefetch import EpochEnd, Failed, Idle, Item, Prefetcher, StreamEnd
 from infeed.training._ring import RingWriter, encode_chunk, map_ring, read_frame, write_frame
-from infeed.training._start import plan_from_json, plan_to_json, position_at_start
+from infeed.training._start import plan_from_json, plan_to_json, position_at_start, subscribe_stream
 from infeed.training.state import decode_positions, encode_positions
 from infeed.types import Capability, Position
 
@@ -93,14 +93,14 @@ class _Feed:
         self.ring = ring
         self.broker: Broker = connect(config["url"])
         self.topic: str = config["topic"]
-        consumer = self.broker.subscribe(
+        self.stream = subscribe_stream(
+            self.broker,
             self.topic,
             group=config["group"],
-            start="earliest",
+            schema=Schema.from_dict(config["schema"]),
             partitions=config["partitions"],
             dead_letter_topic=config["dead_letter_topic"],
         )
-        self.stream = StreamConsumer(TapConsumer(consumer), schema=Schema.from_dict(config["schema"]))
         self.prefetcher: Prefetcher | None = None
 
     def ready(self) -> dict[str, Any]:

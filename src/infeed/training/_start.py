@@ -1,4 +1,4 @@
-"""Where a dataset's consumer starts: the resume positions and the epoch plan, then a seek."""
+"""Where a dataset's consumer starts: its subscription, the resume positions and the epoch plan."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from typing import Any
 
 from infeed.brokers import Broker
 from infeed.brokers.base import Consumer
-from infeed.training._prefetch import EpochPlan
+from infeed.codecs import CodecRegistry, Schema
+from infeed.streams import StreamConsumer
+from infeed.training._prefetch import EpochPlan, TapConsumer
 from infeed.types import Capability, Position
 
-__all__ = ["plan_from_json", "plan_to_json", "position_at_start"]
+__all__ = ["plan_from_json", "plan_to_json", "position_at_start", "subscribe_stream"]
 
 
 def plan_to_json(plan: EpochPlan | None) -> dict[str, Any] | None:
@@ -29,6 +31,33 @@ def plan_from_json(data: Mapping[str, Any] | None) -> EpochPlan | None:
         end={int(p): int(o) for p, o in data["end"]},
         remaining=int(data["remaining"]),
     )
+
+
+def subscribe_stream(
+    broker: Broker,
+    topic: str,
+    *,
+    group: str,
+    schema: Schema,
+    partitions: Sequence[int] | None,
+    dead_letter_topic: str | None,
+    codecs: CodecRegistry | None = None,
+) -> StreamConsumer:
+    """Join ``group`` on ``topic`` from the earliest message, behind the tap a ``Prefetcher`` needs.
+
+    Args:
+        broker: the broker to subscribe on.
+        topic: the topic to read.
+        group: the consumer group.
+        schema: every record is validated and cast to it.
+        partitions: read only these partitions (None: all).
+        dead_letter_topic: where poison goes (None: ``TOPIC.dlq``).
+        codecs: codecs the messages may use (None: the default ones).
+    """
+    consumer = broker.subscribe(
+        topic, group=group, start="earliest", partitions=partitions, dead_letter_topic=dead_letter_topic
+    )
+    return StreamConsumer(TapConsumer(consumer), registry=codecs, schema=schema)
 
 
 def position_at_start(

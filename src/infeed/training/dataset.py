@@ -18,13 +18,11 @@ refuses, naming ``SEEK``); a message is acked once all its records have been han
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -32,15 +30,22 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from infeed.brokers import Broker, connect
 from infeed.codecs import CodecRegistry, Schema
-from infeed.errors import LeaseLostError
 from infeed.streams import StreamConsumer
 from infeed.training._chunks import Chunk
 from infeed.training._collate import Columns, to_tensors
 from infeed.training._feed import ProcessFeed
-from infeed.training._prefetch import EpochEnd, EpochPlan, Failed, Idle, Prefetcher, StreamEnd, TapConsumer
+from infeed.training._prefetch import EpochEnd, EpochPlan, Failed, Idle, Prefetcher, StreamEnd
+from infeed.training._reader import (
+    ReaderSpec,
+    ack_here,
+    choose_feed,
+    close_reader,
+    commit_here,
+    open_reader,
+    start_reader,
+)
 from infeed.training._shuffle import ShuffleBuffer
-from infeed.training._start import position_at_start
-from infeed.training.state import STATE_FORMAT, decode_positions, encode_positions
+from infeed.training.state import STATE_FORMAT, check_meta, decode_positions, encode_positions
 from infeed.types import Capability, Delivery, Position
 
 __all__ = [
@@ -62,7 +67,6 @@ DEFAULT_POLL_S = 0.05
 DEFAULT_FEED = "auto"
 _FEEDS = ("auto", "process", "thread")
 
-T = TypeVar("T")
 _Array = np.ndarray[Any, Any]
 
 
@@ -137,22 +141,20 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             raise ValueError(f"idle_timeout_s must be > 0 or None, got {idle_timeout_s}")
         self._owns_broker = isinstance(broker, str)
         self.broker: Broker = connect(broker) if isinstance(broker, str) else broker
-        no_process = self._no_process(codecs)
-        if feed == "process" and no_process is not None:
+        try:
+            #: Where the prefetch thread runs: "process" or "thread".
+            self.feed = choose_feed(self.broker, feed, codecs)
+            if epochs is not None and not (
+                self.broker.supports(Capability.REPLAY) and self.broker.supports(Capability.SEEK)
+            ):
+                raise ValueError(
+                    f"epochs={epochs} needs a broker that can replay and seek; "
+                    f"{type(self.broker).__name__} cannot: use epochs=None (an endless stream)"
+                )
+        except ValueError:
             if self._owns_broker:
                 self.broker.close()
-            raise ValueError(f"feed='process' is not possible here: {no_process}; use feed='thread'")
-        #: Where the prefetch thread runs: "process" or "thread".
-        self.feed = "process" if no_process is None and feed != "thread" else "thread"
-        if epochs is not None and not (
-            self.broker.supports(Capability.REPLAY) and self.broker.supports(Capability.SEEK)
-        ):
-            if self._owns_broker:
-                self.broker.close()
-            raise ValueError(
-                f"epochs={epochs} needs a broker that can replay and seek; {type(self.broker).__name__} "
-                "cannot: use epochs=None (an endless stream)"
-            )
+            raise
         self.topic = topic
         self.group = group
         self.schema = schema
@@ -203,20 +205,6 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
     def _new_held(self) -> Columns:
         return Columns(self.schema, self.batch_size)
 
-    def _no_process(self, codecs: CodecRegistry | None) -> str | None:
-        """Why the prefetch thread cannot run in a feed process here (None: it can)."""
-        broker = self.broker
-        for capability in (Capability.SEEK, Capability.MULTI_PROCESS):
-            if not broker.supports(capability):
-                return f"{type(broker).__name__} lacks {capability.name}"
-        if broker.url is None:
-            return "the broker object was not opened from a URL (use infeed.brokers.connect)"
-        if not hasattr(os, "memfd_create"):
-            return "this platform has no memfd_create (Linux has) for the shared ring"
-        if codecs is not None:
-            return "custom codecs cannot be handed to another process"
-        return None
-
     def open(self) -> None:
         """Join the group, seek to the resume positions and start the prefetch thread (idempotent).
 
@@ -225,94 +213,44 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         """
         if self._closed:
             raise ValueError("this QueueDataset is closed")
-        if self.feed == "process":
-            self._open_process()
-            return
-        if self._stream is None:
-            consumer = self.broker.subscribe(
-                self.topic,
-                group=self.group,
-                start="earliest",
-                partitions=self.partitions,
-                dead_letter_topic=self.dead_letter_topic,
-            )
-            self._stream = StreamConsumer(TapConsumer(consumer), registry=self.codecs, schema=self.schema)
-            self._position_at_start()
-        if self._finished or self._prefetch is not None:
-            return  # a prefetcher that ended still holds what it read (up to the end of the last epoch)
-        self._idled = False
-        if self._plan is not None:
-            self._plan.remaining = (self.epochs or 0) - self._epoch
-        self._prefetch = Prefetcher(
-            self._stream,
-            fields=tuple(self.schema.fields),
-            resume=self._next,
-            ack_on_receipt=self.ack_on_receipt,
-            plan=self._plan,
+        spec = ReaderSpec(
+            feed=self.feed,
+            topic=self.topic,
+            group=self.group,
+            schema=self.schema,
+            partitions=self.partitions,
+            dead_letter_topic=self.dead_letter_topic,
+            codecs=self.codecs,
             capacity_bytes=self.prefetch_bytes,
             max_messages=self.max_messages,
             target_records=4 * self.batch_size,
             poll_s=self.poll_s,
             idle_timeout_s=self.idle_timeout_s,
-        )
-        self._prefetch.start()
-
-    def _position_at_start(self) -> None:
-        assert self._stream is not None
-        self._next, self._plan = position_at_start(
-            self.broker,
-            self._stream.consumer,
-            self.topic,
-            partitions=self.partitions,
-            resume=self._next,
-            plan=self._plan,
             epochs=self.epochs,
-            epoch=self._epoch,
+            ack_on_receipt=self.ack_on_receipt,
         )
-
-    def _open_process(self) -> None:
-        if self._remote is None:
-            assert self.broker.url is not None
-            remote = ProcessFeed(
-                self.broker.url,
-                topic=self.topic,
-                group=self.group,
-                schema=self.schema,
-                partitions=self.partitions,
-                dead_letter_topic=self.dead_letter_topic,
-                capacity_bytes=self.prefetch_bytes,
-                max_messages=self.max_messages,
-                target_records=4 * self.batch_size,
-                poll_s=self.poll_s,
-                idle_timeout_s=self.idle_timeout_s,
+        reader = self._remote if self._remote is not None else self._stream
+        if reader is None:
+            reader, self._next, self._plan = open_reader(
+                self.broker, spec, resume=self._next, plan=self._plan, epoch=self._epoch
             )
-            try:
-                self._next, self._plan = remote.open(
-                    resume=self._next, plan=self._plan, epochs=self.epochs, epoch=self._epoch
-                )
-            except BaseException:
-                remote.stop()
-                raise
-            self._remote = remote
+            if isinstance(reader, ProcessFeed):
+                self._remote = reader
+            else:
+                self._stream = reader
         if self._finished or self._prefetch is not None:
-            return
+            return  # a prefetcher that ended still holds what it read (up to the end of the last epoch)
         self._idled = False
         if self._plan is not None:
             self._plan.remaining = (self.epochs or 0) - self._epoch
-        self._remote.run(resume=self._next, plan=self._plan)
-        self._prefetch = self._remote
+        self._prefetch = start_reader(reader, spec, resume=self._next, plan=self._plan)
 
     def close(self) -> None:
         """Stop the prefetch thread and leave the group (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        if self._prefetch is not None:
-            self._prefetch.stop()
-        if self._remote is not None:
-            self._remote.stop()
-        if self._stream is not None:
-            self._stream.close()
+        close_reader(self._remote if self._remote is not None else self._stream, self._prefetch)
         if self._owns_broker:
             self.broker.close()
 
@@ -375,11 +313,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         if not self.ack_on_receipt and self._consumed:
             # No exact resume without seek: ack what was handed out (at least once).
             consumed, self._consumed = self._consumed, []
-            if isinstance(self._prefetch, Prefetcher):
-                self._prefetch.ack_later(consumed)
-            elif self._stream is not None:
-                with contextlib.suppress(LeaseLostError):
-                    self._stream.consumer.ack(consumed)
+            prefetch = self._prefetch if isinstance(self._prefetch, Prefetcher) else None
+            ack_here(self._stream, prefetch, consumed)
         if self._shuffle is not None:
             return self._shuffle.draw(self.batch_size)
         batch = self._held.view()
@@ -544,17 +479,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         if self._stream is not None or self._remote is not None:
             raise ValueError("load_state_dict() must come before the dataset is iterated or opened")
         meta, arrays = state["meta"], state["arrays"]
-        if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a QueueDataset state (format {meta.get('format')!r})")
-        if meta["topic"] != self.topic:
-            raise ValueError(f"the state is of topic {meta['topic']!r}, this dataset reads {self.topic!r}")
-        if meta["fields"] != self.schema.to_dict():
-            raise ValueError(f"the state's fields {meta['fields']} differ from the schema's")
-        if meta["shuffle_buffer"] != self.shuffle_buffer:
-            raise ValueError(
-                f"the state has a shuffle buffer of {meta['shuffle_buffer']}, "
-                f"this dataset one of {self.shuffle_buffer}"
-            )
+        check_meta(meta, topic=self.topic, fields=self.schema.to_dict(), shuffle_buffer=self.shuffle_buffer)
         self._next = decode_positions(meta["positions"])
         self._epoch = int(meta["epoch"])
         if self.epochs is not None and meta["epoch_start"] is not None:
@@ -581,9 +506,6 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     # -- broker side ----------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        return self._prefetch.call(fn) if isinstance(self._prefetch, Prefetcher) else fn()
-
     def commit(self, state: Mapping[str, Any]) -> None:
         """Tell the broker that everything before ``state``'s positions is done.
 
@@ -598,32 +520,18 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         stream = self._stream
         if stream is None:
             return
-
-        def covered(d: Delivery) -> bool:
-            pos = positions.get(d.position.partition)
-            return pos is not None and d.position.offset < pos.offset
-
-        done = [d for d in self._consumed if covered(d)]
-        self._consumed = [d for d in self._consumed if not covered(d)]
         prefetch = self._prefetch if isinstance(self._prefetch, Prefetcher) else None
-        tap = stream.consumer
-
-        def work() -> None:
-            if positions and self.broker.supports(Capability.OFFSET_COMMIT):
-                tap.commit([Position(self.topic, p, pos.offset) for p, pos in positions.items()])
-            if self.ack_on_receipt:
-                return
-            acks = list(done)
-            if prefetch is not None:
-                acks += [d for d in prefetch.redelivered if covered(d)]
-                prefetch.redelivered = [d for d in prefetch.redelivered if not covered(d)]
-            if acks:
-                try:
-                    tap.ack(acks)
-                except LeaseLostError:
-                    self.lost_acks += 1
-
-        self._call(work)
+        offset_commit = self.broker.supports(Capability.OFFSET_COMMIT)
+        if commit_here(
+            stream,
+            prefetch,
+            positions,
+            self._consumed,
+            topic=self.topic,
+            offset_commit=offset_commit,
+            ack_on_receipt=self.ack_on_receipt,
+        ):
+            self.lost_acks += 1
 
     def lag(self) -> int:
         """Messages in the assigned partitions after the next position to read."""

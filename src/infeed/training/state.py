@@ -20,6 +20,7 @@ from infeed.types import Position
 
 __all__ = [
     "STATE_FORMAT",
+    "check_meta",
     "decode_positions",
     "decode_state",
     "encode_positions",
@@ -50,6 +51,33 @@ def decode_positions(data: Any) -> dict[int, Position]:
             raise ValueError(f"partition {pos.partition} has two positions in the state")
         out[pos.partition] = pos
     return out
+
+
+def check_meta(
+    meta: Mapping[str, Any], *, topic: str, fields: Mapping[str, Any], shuffle_buffer: int
+) -> None:
+    """Refuse a state's ``meta`` of another format, topic, schema or shuffle buffer size than the dataset's.
+
+    Args:
+        meta: the state's ``meta``.
+        topic: the topic the loading dataset reads.
+        fields: its schema's ``to_dict()``.
+        shuffle_buffer: its shuffle buffer's size.
+
+    Raises:
+        ValueError: naming what differs.
+    """
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"not a QueueDataset state (format {meta.get('format')!r})")
+    if meta["topic"] != topic:
+        raise ValueError(f"the state is of topic {meta['topic']!r}, this dataset reads {topic!r}")
+    if meta["fields"] != fields:
+        raise ValueError(f"the state's fields {meta['fields']} differ from the schema's")
+    if meta["shuffle_buffer"] != shuffle_buffer:
+        raise ValueError(
+            f"the state has a shuffle buffer of {meta['shuffle_buffer']}, "
+            f"this dataset one of {shuffle_buffer}"
+        )
 
 
 def encode_state(state: Mapping[str, Any]) -> tuple[bytes, bytes]:
