@@ -7,7 +7,7 @@ preallocated, writable array, which the tensor then owns.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -50,14 +50,20 @@ class Columns:
         """Rows still free."""
         return self.capacity - self.count
 
-    def append(self, columns: Mapping[str, _Array], start: int, stop: int) -> None:
-        """Copy rows ``start:stop`` of ``columns`` behind the rows held."""
+    def append(
+        self, columns: Mapping[str, _Array], start: int, stop: int, skip: Collection[str] = ()
+    ) -> None:
+        """Copy rows ``start:stop`` of ``columns`` behind the rows held.
+
+        Fields in ``skip`` are left unset: the caller hands their rows out some other way.
+        """
         n = stop - start
         if n > self.space:
             raise ValueError(f"cannot append {n} rows to columns with {self.space} free")
         end = self.count + n
         for name, array in self.arrays.items():
-            array[self.count : end] = columns[name][start:stop]
+            if name not in skip:
+                array[self.count : end] = columns[name][start:stop]
         self.count = end
 
     def load(self, columns: Mapping[str, _Array]) -> None:

@@ -179,6 +179,11 @@ class ProcessFeed:
         self._send({"op": "commit", "id": ident, "positions": encode_positions(positions)})
         future.result()
 
+    @property
+    def capacity_bytes(self) -> int:
+        """The size of the shared ring."""
+        return self._ring.capacity
+
     def release(self, end: int) -> None:
         """The records before ring position ``end`` have been copied out: the ring may reuse it."""
         self._ring.release(end)

@@ -127,12 +127,14 @@ class RingReader:
         self._consumed: _Array = np.frombuffer(mapping, np.int64, 1, 0)
 
     def view(self, start: int, dtype: str, shape: tuple[int, ...]) -> _Array:
-        """A read-only array of ``dtype`` and ``shape`` at ring position ``start``."""
+        """An array of ``dtype`` and ``shape`` at ring position ``start``.
+
+        Writable, as ``torch.from_numpy`` wants when a batch is lent as a view (``_lend``): only
+        the lent batch's own rows can be changed that way, and nothing reads them here after.
+        """
         count = int(np.prod(shape, dtype=np.int64))
         array = np.frombuffer(self._mapping, np.dtype(dtype), count, HEADER_BYTES + start % self.capacity)
-        array = array.reshape(shape)
-        array.flags.writeable = False
-        return array
+        return array.reshape(shape)
 
     def release(self, end: int) -> None:
         """Everything before ring position ``end`` has been read and may be overwritten."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -34,6 +34,7 @@ from infeed.streams import StreamConsumer
 from infeed.training._chunks import Chunk
 from infeed.training._collate import Columns, to_tensors
 from infeed.training._feed import ProcessFeed
+from infeed.training._lend import Lender
 from infeed.training._prefetch import EpochEnd, EpochPlan, Failed, Idle, Prefetcher, StreamEnd
 from infeed.training._reader import (
     ReaderSpec,
@@ -192,6 +193,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.lost_acks = 0
         self._stream: StreamConsumer | None = None
         self._remote: ProcessFeed | None = None
+        self._lender: Lender | None = None  # with a feed process: batches lent from its ring
+        self._lent: dict[str, _Array] = {}  # columns of the batch being filled that are ring views
         self._prefetch: Prefetcher | ProcessFeed | None = None
         self._pending: deque[Chunk] = deque()
         self._cursor = 0
@@ -236,6 +239,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             )
             if isinstance(reader, ProcessFeed):
                 self._remote = reader
+                self._lender = Lender(reader.release, reader.capacity_bytes)
             else:
                 self._stream = reader
         if self._finished or self._prefetch is not None:
@@ -274,9 +278,39 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
                 "QueueDataset runs its own prefetch thread and must be iterated in the training "
                 "process: use DataLoader(dataset, batch_size=None, num_workers=0) or iterate it directly"
             )
+        return self.iter_lent(())
+
+    def iter_lent(self, fields: Collection[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """Iterate as ``iter(dataset)`` does, but hand out ``fields`` without copying where possible.
+
+        With a feed process, a batch that lies whole in what one receive brought gets those
+        fields as views of the feed's shared ring instead of copies: a ``memcpy`` per batch less,
+        and the step reads its inputs from where the feed process wrote them. The data stays put
+        while anything references it (its ring space returns once the tensors are freed), so a
+        batch is safe to use for as long as it is kept. But kept batches keep the feed from
+        reading ahead: lending pauses while they hold a quarter of ``prefetch_bytes``, and
+        iterating raises ``RuntimeError`` when waiting for data while they hold half of it.
+        Clone what you keep past a step. The ``Trainer`` lends its input field.
+
+        Raises:
+            ValueError: a field is not in the schema.
+            RuntimeError: kept batches hold more than half the feed's ring while it waits.
+        """
+        lend = frozenset(fields)
+        unknown = sorted(lend - set(self.schema.fields))
+        if unknown:
+            raise ValueError(f"fields {unknown} are not in the schema ({', '.join(self.schema.fields)})")
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "QueueDataset runs its own prefetch thread and must be iterated in the training "
+                "process: use DataLoader(dataset, batch_size=None, num_workers=0) or iterate it directly"
+            )
+        return self._iterate(lend)
+
+    def _iterate(self, lend: frozenset[str]) -> Iterator[dict[str, torch.Tensor]]:
         self.open()
         while True:
-            batch = self._next_batch()
+            batch = self._next_batch(lend=lend)
             if batch is None:
                 return
             self.batches += 1
@@ -304,8 +338,10 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         """Whether the last epoch ended or the stream idled out (iterating again goes on)."""
         return self._finished or self._idled
 
-    def _next_batch(self, deadline: float | None = None) -> dict[str, _Array] | None:
-        if not self._fill(deadline):
+    def _next_batch(
+        self, deadline: float | None = None, lend: frozenset[str] = frozenset()
+    ) -> dict[str, _Array] | None:
+        if not self._fill(deadline, lend if self._shuffle is None else frozenset()):
             return None
         held = self._held.count
         if held == 0 or (self._held.space > 0 and self.drop_last and held < self.batch_size):
@@ -318,6 +354,9 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         if self._shuffle is not None:
             return self._shuffle.draw(self.batch_size)
         batch = self._held.view()
+        if self._lent:
+            batch.update(self._lent)
+            self._lent = {}
         if held > self.batch_size:
             # Held records merged from several ranks' states (a smaller world): cut them.
             rest = self._held
@@ -328,9 +367,10 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._held = self._new_held()
         return batch
 
-    def _fill(self, deadline: float | None = None) -> bool:
+    def _fill(self, deadline: float | None = None, lend: frozenset[str] = frozenset()) -> bool:
         """Move records from the stream into the held columns until full or the stream stops.
 
+        A whole batch from one ring chunk has the fields in ``lend`` lent (see :meth:`iter_lent`).
         Returns False when ``deadline`` (a ``time.monotonic()`` value) passed first.
         """
         target = self._held
@@ -342,6 +382,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
                 wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
                 item = prefetch.queue.get(timeout_s=wait)
                 if item is None:
+                    if self._lender is not None:
+                        self._lender.check_held_back()
                     if not prefetch.is_alive() and prefetch.queue.nbytes == 0:
                         return True  # stopped by close()
                     if deadline is not None and time.monotonic() >= deadline:
@@ -369,7 +411,16 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             a = self._cursor
             b = min(len(chunk), a + target.space)
             if b > a:
-                target.append(chunk.columns, a, b)
+                if (
+                    lend
+                    and self._lender is not None
+                    and target.count == 0
+                    and b - a == target.capacity == self.batch_size
+                    and self._lender.may_lend(chunk.ring_end)
+                ):
+                    self._lent = {name: chunk.columns[name][a:b] for name in lend}
+                    self._lender.lend(chunk.ring_end, self._lent.values())
+                target.append(chunk.columns, a, b, skip=self._lent.keys())
                 self._next[chunk.partition] = Position(
                     self.topic, chunk.partition, int(chunk.next_offset[b - 1]), int(chunk.next_record[b - 1])
                 )
@@ -381,8 +432,8 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
             if b >= len(chunk):
                 self._pending.popleft()
                 self._cursor = self._dcursor = 0
-                if chunk.ring_end is not None and self._remote is not None:
-                    self._remote.release(chunk.ring_end)
+                if chunk.ring_end is not None and self._lender is not None:
+                    self._lender.read(chunk.ring_end)
             else:
                 self._cursor = b
         return True

@@ -343,7 +343,9 @@ class Trainer:
         wait_total = compute_total = checkpoint_total = 0.0
         window = _Window(time.monotonic())
         last_checkpoint = time.monotonic()
-        batches = iter(self.dataset)
+        # Inputs as views of the feed's ring where it can (no copy); not what outlives the step
+        # (the audit keeps its field, on_step may keep the targets).
+        batches = self.dataset.iter_lent({self.input_field} - {self.audit_field, self.target_field})
         self.model.train()
         while not self._limit_reached():
             t0 = time.monotonic()
