@@ -13,6 +13,10 @@ about 5 s of a loaded 2-core machine, 12 times over; so one process started with
 ``tests.support.spawn_python`` (``python -m tests.integration.test_training_crash runs PLAN.json``)
 imports once and forks each trainer run in turn, printing ``pid N`` before and ``exit N CODE``
 after each. ``... worker ARGS`` runs one trainer directly.
+
+Every line goes out in one ``write(2)`` (``tests.support.say``), and the test reads a packet-mode
+pipe that refuses any other write: ``print`` writes the newline apart, so a trainer killed between
+the two would leave half a line for the ``exit`` line after it to be glued onto.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from infeed.codecs import Field, RecordBatch, Schema
 from infeed.streams import Producer
 from infeed.training import ModelRegistry, QueueDataset, Trainer
 from infeed.training.models import mlp
-from tests.support import broker_url, spawn_python
+from tests.support import broker_url, line_pipe, read_lines, say, spawn_python
 
 SAMPLES = 20_000
 PER_MESSAGE = 64
@@ -103,9 +107,9 @@ def runs(plan_file: str) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        print(f"pid {pid}", flush=True)
+        say(f"pid {pid}")
         _, status = os.waitpid(pid, 0)
-        print(f"exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+        say(f"exit {pid} {os.waitstatus_to_exitcode(status)}")
     return 0
 
 
@@ -127,9 +131,9 @@ def worker(argv: list[str]) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def on_phase(phase: str, step: int) -> None:
-        print(f"phase {phase} {step}")
+        say(f"phase {phase} {step}")
         if phase == args.pause_at and step >= args.pause_from_step:
-            print("paused")
+            say("paused")
             time.sleep(3600)
 
     with QueueDataset(
@@ -147,12 +151,12 @@ def worker(argv: list[str]) -> int:
             model_name="crash" if args.registry else None,
             model_factory=FACTORY if args.registry else None,
             events_topic=args.events_topic,
-            on_step=lambda info: print(f"step {info.step}"),
+            on_step=lambda info: say(f"step {info.step}"),
             on_checkpoint_phase=on_phase,
         )
-        print(f"resumed {trainer.restore()}")
+        say(f"resumed {trainer.restore()}")
         result = trainer.fit()
-    print(f"done {result.steps} {result.samples}")
+    say(f"done {result.steps} {result.samples}")
     return 0
 
 
@@ -212,21 +216,36 @@ class _Runs:
     """The process that forks the trainer runs; its stdout lines are read by a thread."""
 
     def __init__(self, plan: Path) -> None:
-        # Its own session, so close() can kill a trainer it forked too (which holds the pipe open).
-        self.proc = spawn_python(
-            "-m", "tests.integration.test_training_crash", "runs", str(plan), start_new_session=True
-        )
+        # A packet-mode pipe: each write is read apart, and one that is not a whole line fails.
+        read_fd, write_fd = line_pipe()
+        try:
+            # Its own session, so close() can kill a trainer it forked too (which holds the pipe open).
+            self.proc = spawn_python(
+                "-m",
+                "tests.integration.test_training_crash",
+                "runs",
+                str(plan),
+                stdout=write_fd,
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         self.errors = ""
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self.broken = ""
+        self._reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
         self._reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout:
-            for line in self.proc.stdout:
-                self.lines.put(line.strip())
+    def _read(self, fd: int) -> None:
+        try:
+            for line in read_lines(fd):
+                self.lines.put(line)
+        except ValueError as exc:
+            self.broken = str(exc)
         self.lines.put(None)
 
     def wait_for(self, accept: Callable[[str], bool], deadline: float) -> str:
@@ -237,7 +256,9 @@ class _Runs:
             except queue.Empty:
                 raise AssertionError(f"runs stalled; last lines: {self.seen[-8:]}") from None
             if line is None:
-                raise AssertionError(f"runs ended early; last lines: {self.seen[-8:]}\n{self.stderr()}")
+                raise AssertionError(
+                    f"runs ended early; {self.broken or 'last lines'}: {self.seen[-8:]}\n{self.stderr()}"
+                )
             self.seen.append(line)
             if accept(line):
                 return line
