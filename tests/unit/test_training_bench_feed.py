@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from infeed.bench import train_feed
 from infeed.bench._feed_loops import PeakRss
+from infeed.bench._proc_cpu import broker_pids, tree_cpu_s
 
 
 def test_train_feed_writes_every_variant_with_ratios(tmp_path: Path) -> None:
@@ -57,3 +59,20 @@ def test_peak_rss_counts_a_freed_peak_and_a_live_child() -> None:
             child.communicate(b"")
     assert rss.growth is not None
     assert rss.growth >= (32 + 48) * mib
+
+
+def test_broker_cpu_counts_a_process_tree_and_pids_come_from_the_state_file(tmp_path: Path) -> None:
+    busy = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    busy += "print(1, flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", busy], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"1"
+        assert tree_cpu_s([child.pid]) >= 0.3
+        assert tree_cpu_s([os.getpid()]) >= tree_cpu_s([child.pid])  # a child is in its parent's tree
+    finally:
+        child.communicate(b"")
+    state = tmp_path / "brokers.json"
+    state.write_text(json.dumps({"redis": {"pids": [12, 34]}}))
+    assert broker_pids("redis", state) == [12, 34]
+    assert broker_pids("kafka", state) == []
+    assert broker_pids("redis", tmp_path / "missing.json") == []

@@ -45,6 +45,7 @@ class Run:
     startup_s: float = 0.0
     checkpoint_each_s: float | None = None
     cpu_s: float = 0.0  # process CPU time over the clocked span (every thread)
+    broker_cpu_s: float | None = None  # the broker's processes, whole run (None: in-process backend)
 
     @property
     def rate(self) -> float:

@@ -35,6 +35,7 @@ from rich.console import Console
 from infeed.bench import _feed_loops as loops
 from infeed.bench import harness
 from infeed.bench._feed_loops import BATCH
+from infeed.bench._proc_cpu import broker_pids, tree_cpu_s
 from infeed.bench.brokers import DEFAULT_BROKERS_FILE, Backend, discover
 from infeed.brokers import Broker, connect
 from infeed.types import Capability
@@ -100,12 +101,15 @@ def _bench_backend(
     repetitions: int,
     workdir: Path,
     say: Callable[[str], None],
+    brokers_file: Path,
 ) -> dict[str, dict[str, Any]]:
     rng = np.random.default_rng(784)
     n = steps * BATCH
     x = rng.random((n, 784), dtype=np.float32)
     y = rng.integers(0, 10, n, dtype=np.int64)
     run_id = uuid.uuid4().hex[:8]
+    # The broker's own processes (none for in-process backends); RabbitMQ's stream model: the same.
+    pids = [] if backend.embedded else broker_pids(backend.name.removesuffix("-stream"), brokers_file)
     if backend.scheme == "sqlite":
         broker = connect(f"sqlite:///{workdir / run_id}.db")
     else:
@@ -135,7 +139,11 @@ def _bench_backend(
         for rep in range(repetitions):
             order = list(names) if rep % 2 == 0 else list(reversed(names))
             for name in order:
-                runs[name].append(_measure(name, broker, topics, x, y, group_of(rep, name), workdir))
+                before = tree_cpu_s(pids)
+                done = _measure(name, broker, topics, x, y, group_of(rep, name), workdir)
+                if pids:
+                    done.broker_cpu_s = tree_cpu_s(pids) - before
+                runs[name].append(done)
         for topic in topics.values():
             with contextlib.suppress(Exception):
                 broker.delete_topic(topic)
@@ -150,6 +158,7 @@ def _bench_backend(
         stalls = [r.stall for r in reps if r.stall is not None]
         rss = [r.rss_peak_bytes for r in reps if r.rss_peak_bytes is not None]
         cpu = [r.cpu_s / r.samples * 1e6 for r in reps]
+        broker_cpu = [r.broker_cpu_s / r.samples * 1e6 for r in reps if r.broker_cpu_s is not None]
         out[name] = {
             "description": VARIANTS[name][1],
             "records_per_message": VARIANTS[name][0] or None,
@@ -157,6 +166,7 @@ def _bench_backend(
             "ratio_to_tensors": {"reps": ratios, **harness.summarize(ratios)},
             "cpu_us_per_sample": {"reps": cpu, **harness.summarize(cpu)},
             "feed_cpu_us_per_sample": harness.summarize([c - b for c, b in zip(cpu, base_cpu, strict=True)]),
+            "broker_cpu_us_per_sample": harness.summarize(broker_cpu) if broker_cpu else None,
             "stall_share": harness.summarize(stalls) if stalls else None,
             "rss_peak_growth_bytes": max(rss) if rss else None,
             "startup_s": harness.summarize([r.startup_s for r in reps]),
@@ -245,7 +255,7 @@ def run(
                 console.print(f"[bold]{backend.name}[/] ({url or backend.scheme + '://'})")
                 try:
                     results[backend.name] = _bench_backend(
-                        backend, url, names, steps, repetitions, Path(tmp), console.print
+                        backend, url, names, steps, repetitions, Path(tmp), console.print, brokers_file
                     )
                 except Exception as exc:  # one broken backend must not cost the others' numbers
                     reason = f"failed: {type(exc).__name__}: {exc}"
@@ -273,6 +283,10 @@ def run(
             "per sample; +feed: minus the "
             "paired in-memory run's (what feeding costs; on a loaded machine the rate ratio can only "
             "be as good as tensors CPU / variant CPU)",
+            "broker_cpu": "CPU time of the broker's processes (scripts/brokers' pids and their children) "
+            "over the whole run, subscribing and startup included, per sample; none for in-process "
+            "backends. Here the broker shares the cores with the step: with the step on one core, the "
+            "feed process and the broker share the other",
         },
         "machine": info,
         "variants": {name: VARIANTS[name][1] for name in names},
@@ -308,6 +322,7 @@ def _print(data: dict[str, Any], console: Console) -> None:
                     f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})",
                     f"{stall['median']:.1%}" if stall else "-",
                     f"{cpu['median']:.1f}" + (f" (+{feed['median']:.1f})" if name != "tensors" else ""),
+                    f"{broker['median']:.1f}" if (broker := r.get("broker_cpu_us_per_sample")) else "-",
                     f"{cost['median']:+.1%} (30 s: {projected['median']:.2%})" if cost and projected else "-",
                     f"{rss / 2**20:.0f} MiB" if rss is not None else "-",
                     f"{r['startup_s']['median'] * 1000:.0f} ms",
@@ -323,6 +338,7 @@ def _print(data: dict[str, Any], console: Console) -> None:
             "÷ tensors",
             "stall",
             "CPU µs/sample (+feed)",
+            "broker µs/sample",
             "ckpt cost",
             "peak RSS +",
             "startup",
