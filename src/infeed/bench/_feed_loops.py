@@ -8,8 +8,6 @@ See :mod:`infeed.bench.train_feed` for what is measured and how the runs are pai
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from infeed import _procfs as procfs
 from infeed.brokers import Broker
 from infeed.codecs import Field, RecordBatch, Schema, decode_message, default_registry
 from infeed.streams import Producer
@@ -76,53 +75,25 @@ class PeakRss:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self._start = _status_bytes("self", "VmRSS")
+            self._start = procfs.status_bytes("self", "VmRSS")
         except OSError:
             self._start = None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        peak = _status_bytes("self", "VmHWM") if self._start is not None else None
+        peak = procfs.status_bytes("self", "VmHWM") if self._start is not None else None
         if peak is not None and self._start is not None:
             self.growth = peak - self._start + sum(self._children.values())
 
     def note_children(self) -> None:
         """Record each child process's peak so far (call while they still run)."""
-        own = _cmdline("self")
-        for pid in _children():
+        own = procfs.cmdline("self")
+        for pid in procfs.children("self"):
             # A child forked but not yet exec'd shares (and shows) all of this process's pages.
-            if _cmdline(str(pid)) not in (own, None):
-                peak = _status_bytes(str(pid), "VmHWM")
+            if procfs.cmdline(pid) not in (own, None):
+                peak = procfs.status_bytes(pid, "VmHWM")
                 if peak is not None:
                     self._children[pid] = max(peak, self._children.get(pid, 0))
-
-
-def _status_bytes(pid: str, key: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(f"{key}:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _cmdline(pid: str) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _children() -> list[int]:
-    pids: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
-                pids.extend(int(p) for p in f.read().split())
-    return pids
 
 
 def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

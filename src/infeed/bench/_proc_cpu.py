@@ -7,11 +7,11 @@ share the other, so the feed can be no faster than that core allows.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from infeed import _procfs as procfs
 
 __all__ = ["broker_pids", "tree_cpu_s"]
 
@@ -30,17 +30,10 @@ def tree_cpu_s(pids: Iterable[int]) -> float:
     total = 0.0
     seen: set[int] = set()
     todo = list(pids)
-    tick = os.sysconf("SC_CLK_TCK")
     while todo:
         pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                    todo.extend(int(child) for child in f.read().split())
+        if pid not in seen:
+            seen.add(pid)
+            total += procfs.cpu_s(pid) or 0.0
+            todo.extend(procfs.children(pid))
     return total

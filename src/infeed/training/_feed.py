@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import infeed
+from infeed import _procfs as procfs
 from infeed import errors
 from infeed.codecs import Schema
 from infeed.training._prefetch import ByteQueue, EpochEnd, EpochPlan, Failed, Idle, Item, StreamEnd
@@ -190,12 +191,8 @@ class ProcessFeed:
 
     def cpu_s(self) -> float:
         """CPU seconds the feed process has used so far (user + system; Linux ``/proc``)."""
-        try:
-            with open(f"/proc/{self._proc.pid}/stat", "rb") as file:
-                fields = file.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            return 0.0  # ended (its time is no longer there to read)
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        used = procfs.cpu_s(self._proc.pid)
+        return 0.0 if used is None else used  # None: ended (its time is no longer there to read)
 
     def is_alive(self) -> bool:
         """Whether the feed process reads ahead now."""

@@ -50,18 +50,17 @@ class Lender:
         # Re-entrant: a garbage collection inside a locked section may run a finalizer here.
         self._lock = threading.RLock()
         self._regions: deque[_Region] = deque()
-        self._by_end: dict[int, _Region] = {}
         self._released = 0  # ring position released so far
         self._read_end = 0  # end of the newest region read whole
         #: Batches lent so far.
         self.lent_batches = 0
 
     def _region(self, end: int) -> _Region:
-        region = self._by_end.get(end)
-        if region is None:
-            region = self._by_end[end] = _Region(end)
-            self._regions.append(region)
-        return region
+        # Chunks are read in ring order: lends and reads concern the newest region, or a new one.
+        regions = self._regions
+        if not regions or regions[-1].end != end:
+            regions.append(_Region(end))
+        return regions[-1]
 
     def may_lend(self, end: int | None) -> bool:
         """Whether to lend from the chunk that ends at ``end`` (None: it is not in the ring).
@@ -119,6 +118,5 @@ class Lender:
         regions = self._regions
         while regions and regions[0].read and regions[0].lent == 0:
             region = regions.popleft()
-            del self._by_end[region.end]
             self._released = region.end
             self._release(region.end)
