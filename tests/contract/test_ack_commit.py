@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
 
-from infeed.brokers import Broker, dead_letter_topic
+from infeed.brokers import Broker, Consumer, dead_letter_topic
 from infeed.brokers.base import DLQ_HEADER_COUNT, DLQ_HEADER_OFFSET, DLQ_HEADER_REASON, DLQ_HEADER_TOPIC
 from infeed.errors import LeaseLostError
-from infeed.types import Capability, Position
+from infeed.types import Capability, Delivery, Position
 
 from .backends import ACK_TIMEOUT_S
-from .helpers import assert_nothing_more, drain, numbered, payloads, require
+from .helpers import WAIT_S, assert_nothing_more, drain, numbered, payloads, require
 
 
 def test_ack_does_not_commit(broker: Broker, topic: str) -> None:
@@ -131,3 +132,36 @@ def test_seek_forward_skips(broker: Broker, topic: str) -> None:
     consumer.seek(positions[6])
     assert payloads(drain(consumer, 4)) == numbered(10)[6:]
     assert_nothing_more(consumer)
+
+
+def _drain_acked(consumer: Consumer, count: int, *, timeout_s: float) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count and time.monotonic() < deadline:
+        got += consumer.receive_acked(max_messages=count - len(got), timeout_s=1.0)
+    assert len(got) == count, f"received {len(got)} of {count} messages within {timeout_s}s"
+    return got
+
+
+def test_receive_acked_hands_out_in_order_and_acks(broker: Broker, topic: str) -> None:
+    broker.create_topic(topic, partitions=1)
+    consumer = broker.subscribe(topic, group="g")
+    broker.publish_many(topic, numbered(20))
+    got = _drain_acked(consumer, 20, timeout_s=WAIT_S)
+    assert payloads(got) == numbered(20)
+    assert [d.delivery_count for d in got] == [1] * 20
+    assert_nothing_more(consumer, wait_s=ACK_TIMEOUT_S + 0.5)  # no lease ran out: nothing comes back
+    consumer.close()
+    assert_nothing_more(broker.subscribe(topic, group="g"), wait_s=ACK_TIMEOUT_S + 0.5)
+
+
+def test_receive_acked_takes_a_redelivery(broker: Broker, topic: str) -> None:
+    require(broker, Capability.REDELIVERY)
+    consumer = broker.subscribe(topic, group="g")
+    broker.publish(topic, b"slow")
+    (first,) = drain(consumer, 1, ack=False)
+    (again,) = _drain_acked(consumer, 1, timeout_s=ACK_TIMEOUT_S + 20)
+    assert again.payload == b"slow"
+    assert again.position == first.position
+    assert again.delivery_count == 2
+    assert_nothing_more(consumer, wait_s=ACK_TIMEOUT_S + 0.5)

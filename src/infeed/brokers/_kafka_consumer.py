@@ -40,7 +40,7 @@ from infeed.types import Delivery, Position, trusted_delivery, trusted_position
 if TYPE_CHECKING:
     from infeed.brokers.kafka import KafkaBroker
 
-__all__ = ["_KafkaConsumer"]
+__all__ = ["RECEIVE_ACKED_STORE_S", "_KafkaConsumer"]
 
 _log = logging.getLogger("infeed.brokers.kafka")
 _receipts = itertools.count(1)
@@ -48,6 +48,8 @@ _receipts = itertools.count(1)
 _SLICE_S = 1.0
 #: An ``ack`` this late after the last poll counts as lost: the member may have been evicted.
 _EVICTION_MARGIN = 0.9
+#: ``receive_acked`` stores its acks (asynchronously) at most this often, and at commit and close.
+RECEIVE_ACKED_STORE_S = 1.0
 T = TypeVar("T")
 
 
@@ -78,6 +80,8 @@ class _KafkaConsumer(Consumer):
         self._orphans: list[int] = []
         self._backlog: list[Any] = []
         self._stash: list[InfeedError] = []
+        #: when the ledgers were last written (``receive_acked`` writes its acks lazily)
+        self._stored_at = time.monotonic()
         self._joined = False
         self._closed = False
         self._evicted = False
@@ -214,6 +218,13 @@ class _KafkaConsumer(Consumer):
         return msgs
 
     def receive(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:
+        return self._receive(max_messages, timeout_s, acked=False)
+
+    def receive_acked(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:
+        """``receive`` without leases: the ledgers advance and are stored lazily (module docstring)."""
+        return self._receive(max_messages, timeout_s, acked=True)
+
+    def _receive(self, max_messages: int, timeout_s: float, *, acked: bool) -> list[Delivery]:
         if max_messages <= 0:
             raise ValueError(f"max_messages must be > 0, got {max_messages}")
         self._check()
@@ -224,7 +235,7 @@ class _KafkaConsumer(Consumer):
             self._raise_stashed()
             if self._orphans:
                 self._reassign()
-            out = self._due(max_messages, now)
+            out = self._due(max_messages, now, acked=acked)
             room = max_messages - len(out)
             if room > 0:
                 msgs, self._backlog = self._backlog[:room], self._backlog[room:]
@@ -235,22 +246,36 @@ class _KafkaConsumer(Consumer):
                     msgs = self._consume(1, max(0.0, wait))
                     if msgs and room > 1:
                         msgs += self._consume(room - 1, 0.0)
-                out += self._accept(msgs)
+                out += self._accept(msgs, acked=acked)
             if out:
                 self._link.up()
-                self._persist([led for led in self._ledgers.values() if led.dirty], sync=True, strict=False)
+                if acked:
+                    self._store_acked(time.monotonic())
+                else:  # the new leases and counts are stored before anyone sees them
+                    self._persist(
+                        [led for led in self._ledgers.values() if led.dirty], sync=True, strict=False
+                    )
                 return out
             self._raise_stashed()
             self._probe_link()
             now = time.monotonic()
+            self._store_acked(now)
             if now >= deadline:
                 return []
+
+    def _store_acked(self, now: float) -> None:
+        """Store acks of ``receive_acked`` once ``RECEIVE_ACKED_STORE_S`` passed since the last store."""
+        if now - self._stored_at >= RECEIVE_ACKED_STORE_S:
+            dirty = [led for led in self._ledgers.values() if led.dirty]
+            if dirty:
+                self._persist(dirty, sync=False, strict=False)
+            self._stored_at = now
 
     def _next_deadline(self) -> float:
         soonest = [d for led in self._ledgers.values() if led.pending for d in (led.next_deadline(),) if d]
         return min(soonest, default=time.monotonic() + _SLICE_S)
 
-    def _due(self, room: int, now: float) -> list[Delivery]:
+    def _due(self, room: int, now: float, *, acked: bool) -> list[Delivery]:
         """Deliveries whose lease ran out or that were given back, handed out again."""
         out: list[Delivery] = []
         for led in self._ledgers.values():
@@ -269,14 +294,17 @@ class _KafkaConsumer(Consumer):
                     d.timestamp,
                     next(_receipts),
                 )
-                led.pending[d.position.offset] = Pending(again, now + self._lease_s)
+                if acked:
+                    del led.pending[d.position.offset]
+                else:
+                    led.pending[d.position.offset] = Pending(again, now + self._lease_s)
                 led.dirty = True
                 out.append(again)
                 room -= 1
         return out
 
-    def _accept(self, msgs: list[Any]) -> list[Delivery]:
-        """Turn fetched messages into deliveries, leased until ``ack_timeout_s`` from now."""
+    def _accept(self, msgs: list[Any], *, acked: bool) -> list[Delivery]:
+        """Turn fetched messages into deliveries, leased until ``ack_timeout_s`` from now (or acked)."""
         out: list[Delivery] = []
         if not msgs:
             return out
@@ -315,7 +343,8 @@ class _KafkaConsumer(Consumer):
                 ms / 1000.0 if kind != not_available else 0.0,
                 next(receipts),
             )
-            led.pending[offset] = Pending(delivery, until)
+            if not acked:
+                led.pending[offset] = Pending(delivery, until)
             out.append(delivery)
         return out
 
@@ -391,6 +420,7 @@ class _KafkaConsumer(Consumer):
         for (led, _), tp in zip(items, tps, strict=True):
             led.saved = (tp.offset, tp.metadata or "")
             led.dirty = False
+        self._stored_at = time.monotonic()
         return True
 
     # -- settle ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import ClassVar, Literal, NamedTuple, Self
 
-from infeed.errors import PayloadTooLargeError, UnsupportedOperationError
+from infeed.errors import LeaseLostError, PayloadTooLargeError, UnsupportedOperationError
 from infeed.types import Capability, Delivery, Position, TopicInfo
 
 __all__ = [
@@ -196,6 +196,31 @@ class Consumer(abc.ABC):
         Raises:
             LeaseLostError: if a delivery's lease had already passed to another member.
         """
+
+    def receive_acked(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:
+        """``receive`` and ``ack`` in one step, for a reader that owns its resume positions.
+
+        The deliveries come back acked: they hold no lease, so they cannot be acked or nacked
+        again (dead-letter a copy with ``broker.publish_many`` instead). A backend may store
+        these acks lazily (Kafka writes them at most a second apart, and at ``commit``, ``close``
+        and a rebalance): after a crash, the last of them may be handed out again. A reader that
+        keeps its own positions (``commit`` at a checkpoint, ``seek`` on resume) loses and
+        repeats nothing.
+
+        A delivery whose lease passed to another member before its ack (a reader stalled past
+        ``ack_timeout_s`` between the two) is returned all the same: the other member may get it
+        too, as with any late ``ack``.
+
+        Raises:
+            BrokerError: if the broker fails; never turned into an empty list.
+        """
+        out = self.receive(max_messages=max_messages, timeout_s=timeout_s)
+        if out:
+            try:
+                self.ack(out)
+            except LeaseLostError:
+                pass  # see above: returned all the same
+        return out
 
     @abc.abstractmethod
     def nack(

@@ -19,6 +19,9 @@ maps onto Kafka:
   report the user's position (lag = high watermark - user commit); members resume from the
   watermark and skip what was acked. Each ``receive`` that hands something out stores the ledger
   synchronously, each ``ack`` asynchronously, a revoke or ``close`` synchronously.
+  ``receive_acked`` hands out without leases and stores its acks asynchronously, at most every
+  ``RECEIVE_ACKED_STORE_S`` (1 s; with a later ``receive`` call), and at ``commit``, a revoke and
+  ``close``: a synchronous group commit costs the broker more CPU than reading the messages.
 * **Leases and redelivery.** Kafka gives a partition to one member at a time, so a lease is kept
   by the member itself: a delivery not acked within ``ack_timeout_s``, or nacked with requeue, is
   handed out again (from memory, not re-fetched) by the member that owns the partition.

@@ -1,10 +1,11 @@
 """The prefetch thread: receive, decode, validate and cut chunks ahead of the training step.
 
 One daemon thread owns the broker consumer (a consumer is used from one thread at a time): it
-receives, lets ``StreamConsumer`` decode and dead-letter poison, acks on receipt where the broker can
-seek (the checkpoint is the truth there), and puts chunks into a queue bounded in bytes, so the step
-never waits while data is available and memory stays flat. Other work on the consumer (commit, ack
-after a checkpoint, lag) is handed to the thread with :meth:`Prefetcher.call`.
+receives (acked on receipt, ``Consumer.receive_acked``, where the broker can seek: the checkpoint
+is the truth there), lets ``StreamConsumer`` decode and dead-letter poison, and puts chunks into a
+queue bounded in bytes, so the step never waits while data is available and memory stays flat.
+Other work on the consumer (commit, ack after a checkpoint, lag) is handed to the thread with
+:meth:`Prefetcher.call`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from infeed.brokers.base import Consumer
+from infeed.brokers.base import Consumer, Message, as_deliveries, dead_letter_headers
 from infeed.codecs import RECORDS_HEADER
 from infeed.codecs.msgpack import MsgpackCodec
 from infeed.errors import LeaseLostError
@@ -162,6 +163,9 @@ class TapConsumer(Consumer):
         super().__init__(inner.broker, inner.topic, inner.group, inner.dead_letter_topic)
         self.inner = inner
         self._injected: list[Delivery] | None = None
+        #: Receive with ``receive_acked``: deliveries come acked, and poison is dead-lettered as a
+        #: copy (``nack`` of an acked delivery would find no lease).
+        self.acked_on_receipt = False
 
     def inject(self, deliveries: list[Delivery]) -> None:
         """Make the next ``receive`` return ``deliveries`` (already received) without asking ``inner``."""
@@ -172,6 +176,8 @@ class TapConsumer(Consumer):
         if self._injected is not None:
             out, self._injected = self._injected, None
             return out
+        if self.acked_on_receipt:
+            return self.inner.receive_acked(max_messages=max_messages, timeout_s=timeout_s)
         return self.inner.receive(max_messages=max_messages, timeout_s=timeout_s)
 
     def ack(self, deliveries: Delivery | Iterable[Delivery]) -> None:
@@ -181,8 +187,14 @@ class TapConsumer(Consumer):
     def nack(
         self, deliveries: Delivery | Iterable[Delivery], *, requeue: bool = True, reason: str = ""
     ) -> None:
-        """Nack through ``inner``."""
-        self.inner.nack(deliveries, requeue=requeue, reason=reason)
+        """Nack through ``inner``; once acked on receipt, dead-letter copies (requeue is refused)."""
+        if not self.acked_on_receipt:
+            self.inner.nack(deliveries, requeue=requeue, reason=reason)
+            return
+        if requeue:
+            raise ValueError("deliveries acked on receipt cannot be requeued")
+        dead = [Message(d.payload, d.key, dead_letter_headers(d, reason)) for d in as_deliveries(deliveries)]
+        self.inner.broker.publish_many(self.dead_letter_topic, dead)
 
     def commit(self, positions: Position | Iterable[Position]) -> None:
         """Commit through ``inner``."""
@@ -251,6 +263,7 @@ class Prefetcher:
         self._resume = dict(resume)
         self._last: dict[int, int] = {}  # partition -> last offset passed on
         self._ack_on_receipt = ack_on_receipt
+        self._tap.acked_on_receipt = ack_on_receipt
         self._plan = plan
         self._max_messages = max_messages
         self._target_records = target_records
@@ -458,14 +471,9 @@ class Prefetcher:
         self._last[partition] = last
         return True
 
-    def _settle(self, valid: list[Delivery], covered: list[Delivery]) -> None:
-        if self._ack_on_receipt:
-            if valid:
-                try:
-                    self._tap.ack(valid)
-                except LeaseLostError:
-                    pass  # redelivered later, and then dropped as already read
-        elif covered:
+    def _settle(self, covered: list[Delivery]) -> None:
+        """Ack what a checkpoint covers already (acked on receipt: done)."""
+        if covered and not self._ack_on_receipt:
             self._tap.ack(covered)
 
     def _single_chunks(self, raw: list[Delivery]) -> list[Chunk] | None:
@@ -493,7 +501,7 @@ class Prefetcher:
                 deliveries, batch, keep, offsets=offsets, keep_deliveries=not self._ack_on_receipt
             )
             out.append(chunk)
-        self._settle(raw, covered)
+        self._settle(covered)
         return [c for c in out if len(c)]
 
     def _chunks(self, raw: list[Delivery]) -> list[Chunk]:
@@ -510,7 +518,7 @@ class Prefetcher:
             skip = self._admit(item.delivery, covered)
             if skip is not None:
                 by_partition.setdefault(item.delivery.position.partition, []).append((item, skip))
-        self._settle([r.delivery for r in received], covered)
+        self._settle(covered)
         out: list[Chunk] = []
         for items in by_partition.values():
             out += build_chunks(items, self._fields, keep_deliveries=not self._ack_on_receipt)
