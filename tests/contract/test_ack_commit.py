@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from infeed.brokers import Broker, Consumer, dead_letter_topic
+from infeed.brokers import Broker, Consumer, Message, dead_letter_topic
 from infeed.brokers.base import DLQ_HEADER_COUNT, DLQ_HEADER_OFFSET, DLQ_HEADER_REASON, DLQ_HEADER_TOPIC
 from infeed.errors import LeaseLostError
 from infeed.types import Capability, Delivery, Position
@@ -165,3 +165,23 @@ def test_receive_acked_takes_a_redelivery(broker: Broker, topic: str) -> None:
     assert again.position == first.position
     assert again.delivery_count == 2
     assert_nothing_more(consumer, wait_s=ACK_TIMEOUT_S + 0.5)
+
+
+def test_receive_acked_over_partitions_keeps_each_order_and_the_bound(broker: Broker, topic: str) -> None:
+    require(broker, Capability.PARTITIONS)
+    broker.create_topic(topic, partitions=4)
+    consumer = broker.subscribe(topic, group="g")
+    broker.publish_many(
+        topic, [Message(f"p{p}-{i:03d}".encode(), partition=p) for i in range(30) for p in range(4)]
+    )
+    got: list[Delivery] = []
+    deadline = time.monotonic() + WAIT_S
+    while len(got) < 120 and time.monotonic() < deadline:
+        batch = consumer.receive_acked(max_messages=3, timeout_s=1.0)
+        assert len(batch) <= 3
+        got += batch
+    assert len(got) == 120, f"received {len(got)} of 120 messages within {WAIT_S}s"
+    for p in range(4):
+        assert [d.payload for d in got if d.partition == p] == [f"p{p}-{i:03d}".encode() for i in range(30)]
+    consumer.close()
+    assert_nothing_more(broker.subscribe(topic, group="g"), wait_s=ACK_TIMEOUT_S + 0.5)

@@ -107,6 +107,62 @@ class _RedisConsumer(Consumer):
         self._full = max_messages if len(out) >= max_messages else 0
         return out
 
+    def receive_acked(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:
+        """New entries read with NOACK (never leased: no pending entry, no settle script).
+
+        Entries claimed from expired leases, and read-ahead leased by an earlier ``ack``, are
+        acked with the settle script before they are returned.
+        """
+        if max_messages <= 0:
+            raise ValueError(f"max_messages must be > 0, got {max_messages}")
+        self._check_open()
+        self._full = 0  # no read-ahead: it would be leased
+        out = self._from_ahead(max_messages)
+        if out:
+            self._ack_taken(out)
+            return out
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            order = self._order()
+            streams, count = _spread(order, max_messages)
+            claim = ("@claim", order, [self.group, self._name, self._ack_ms, max_messages])
+            read = ("XREADGROUP", "GROUP", self.group, self._name, "COUNT", count, "NOACK", "STREAMS")
+            flat, fresh = self._exchange([claim, read + tuple(streams) + (">",) * len(streams)])
+            out = self._fresh(fresh)  # at most count per stream: never more than max_messages
+            if flat:
+                claimed = [
+                    self._delivery(self._partition_of[order[flat[i] - 1].encode()], *flat[i + 1 : i + 4])
+                    for i in range(0, len(flat), 4)
+                ]
+                room = max_messages - len(out)
+                if len(claimed) > room:  # the fresh ones cannot be given back: these can
+                    self._give_back(claimed[room:])
+                    del claimed[room:]
+                if claimed:
+                    self._ack_taken(claimed)
+                    out = claimed + out
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0:
+                return out
+            if remaining < _BLOCK_RESOLUTION_S:
+                time.sleep(min(remaining, _SHORT_POLL_S))  # see receive
+                continue
+            # Block on the same streams and COUNT: a read that finds data at once answers from
+            # every stream that has some, and a surplus of NOACK entries could not be given back.
+            block_ms = max(1, int(min(remaining, self._b.config.poll_s) * 1000))
+            cmd = ["XREADGROUP", "GROUP", self.group, self._name, "COUNT", count, "BLOCK", block_ms, "NOACK"]
+            cmd += ["STREAMS", *streams, *[">"] * len(streams)]
+            out = self._fresh(self._b._call(lambda _: cast(Any, self._b._r).execute_command(*cmd)))
+            if out:
+                return out
+
+    def _ack_taken(self, deliveries: list[Delivery]) -> None:
+        """Ack leased deliveries handed out by ``receive_acked`` (a lease lost: returned all the same)."""
+        try:
+            self._settle("ack", deliveries, "", 0)
+        except LeaseLostError:
+            pass  # as Consumer.receive_acked says: another member may get them too
+
     def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         return self._b._call(lambda _: self._b._pipeline(commands))
 
