@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -185,3 +186,18 @@ def test_receive_acked_over_partitions_keeps_each_order_and_the_bound(broker: Br
         assert [d.payload for d in got if d.partition == p] == [f"p{p}-{i:03d}".encode() for i in range(30)]
     consumer.close()
     assert_nothing_more(broker.subscribe(topic, group="g"), wait_s=ACK_TIMEOUT_S + 0.5)
+
+
+def test_receive_acked_waits_for_a_message(open_broker: Callable[[], Broker], topic: str) -> None:
+    broker, publisher = open_broker(), open_broker()
+    require(broker, Capability.MULTI_PROCESS)  # the publisher is another connection
+    broker.create_topic(topic, partitions=1)
+    consumer = broker.subscribe(topic, group="g")
+    late = threading.Timer(0.5, publisher.publish, args=(topic, b"late"))
+    late.start()
+    try:
+        got = consumer.receive_acked(max_messages=10, timeout_s=WAIT_S)
+    finally:
+        late.join()
+    assert payloads(got) == [b"late"]
+    assert_nothing_more(consumer, wait_s=ACK_TIMEOUT_S + 0.5)

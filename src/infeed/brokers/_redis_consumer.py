@@ -10,6 +10,7 @@ them back unseen (their next delivery still counts 1) otherwise, on ``seek`` and
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -152,9 +153,12 @@ class _RedisConsumer(Consumer):
             block_ms = max(1, int(min(remaining, self._b.config.poll_s) * 1000))
             cmd = ["XREADGROUP", "GROUP", self.group, self._name, "COUNT", count, "BLOCK", block_ms, "NOACK"]
             cmd += ["STREAMS", *streams, *[">"] * len(streams)]
-            out = self._fresh(self._b._call(lambda _: cast(Any, self._b._r).execute_command(*cmd)))
+            out = self._fresh(self._b._call(functools.partial(self._blocked_read, cmd)))
             if out:
                 return out
+
+    def _blocked_read(self, cmd: list[Any], _retried: bool) -> Any:
+        return cast(Any, self._b._r).execute_command(*cmd)
 
     def _ack_taken(self, deliveries: list[Delivery]) -> None:
         """Ack leased deliveries handed out by ``receive_acked`` (a lease lost: returned all the same)."""
