@@ -61,7 +61,7 @@ def spawn_python(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
         cwd=str(ROOT),
         stdout=kwargs.pop("stdout", subprocess.PIPE),
         stderr=kwargs.pop("stderr", subprocess.PIPE),
-        stdin=subprocess.DEVNULL,
+        stdin=kwargs.pop("stdin", subprocess.DEVNULL),
         text=True,
         **kwargs,
     )

@@ -22,7 +22,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -373,20 +373,24 @@ class Link:
 
         return await self.retrying(" ".join(subject.split(".")[:2]).lower(), once)
 
-    async def send(self, subjects: list[str], body: bytes, *, confirm: bool = False) -> None:
+    async def send(self, subjects: list[str], body: bytes, *, confirm: Collection[str] = ()) -> None:
         """Publish ``body`` (``+ACK``, ``-NAK``...) to every ack subject; retried.
 
-        With ``confirm``, wait until the server has processed each one (it answers a settle that
-        carries a reply subject): a nak then takes effect before anything asked later.
+        The subjects in ``confirm`` go last, as requests, and the call waits until the server
+        answered each: it answers a settle that carries a reply subject once it processed it, and
+        it processes one consumer's settles in order, so those sent before on the same consumer
+        are done too. (``flush`` would not do: nats-py writes its PING ahead of the publishes
+        still in its buffer.)
         """
+        plain = [s for s in subjects if s not in confirm] if confirm else subjects
+        asked = [s for s in subjects if s in confirm] if confirm else []
 
         async def once() -> None:
-            if confirm:
+            for s in plain:
+                await self.nc.publish(s, body)
+            if asked:
                 timeout = self.cfg.request_timeout_s
-                await asyncio.gather(*(self.nc.request(s, body, timeout=timeout) for s in subjects))
-            else:
-                for s in subjects:
-                    await self.nc.publish(s, body)
+                await asyncio.gather(*(self.nc.request(s, body, timeout=timeout) for s in asked))
 
         await self.retrying("ack", once)
 

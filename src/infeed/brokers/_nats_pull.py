@@ -1,22 +1,27 @@
 """Pull consumers of the nats:// backend: one durable JetStream consumer per group and partition.
 
 Runs on the backend's event loop. Instead of nats-py's ``fetch`` (one future and timer per
-message, ~90 µs each) a member subscribes one inbox with a callback and sends raw pull requests
-(``$JS.API.CONSUMER.MSG.NEXT``), at most one outstanding per partition: a ``no_wait`` request
-for a whole batch, and, when nothing is there, a long poll for one message followed by a
-``no_wait`` top-up. After a full batch the next one is asked for at once (``prefetch``), so it
-travels while the caller works; what arrives between two ``receive`` calls waits in a buffer.
-Acks go out without a round trip (the caller does not wait for the loop thread); naks and
-terms wait for the server's confirmation, so a requeued message comes before newer ones.
+message, ~90 µs each) a member sends raw pull requests (``$JS.API.CONSUMER.MSG.NEXT``), at most
+one outstanding per partition: a ``no_wait`` request for a whole batch, and, when nothing is
+there, a short long poll for one message followed by a ``no_wait`` top-up. After a full batch
+the next one is asked for at once (``prefetch``), so it travels while the caller works; what
+arrives between two ``receive`` calls waits in a buffer. An ack call returns once the server has
+processed its acks (the last one per partition goes as a request); naks and terms wait for the
+server's confirmation of each, so a requeued message comes before newer ones.
 
 Leases. nats-server (2.9.10, checked) accepts an ack or a nak for a delivery that was already
 redelivered to another member: the ack subject names the stream sequence and the server does not
 compare the delivery count. So a member keeps its own lease per delivery and refuses
-(``LeaseLostError``) an ack or nack once ``ack_wait`` less a margin (10%, at most 1 s) has passed.
-The lease starts no later than the server's clock: at the no_wait pull request that asked for the
-message (the server cannot send before it got the request), or, for a long poll, when the message
-reached the connection. Buffered messages older than half the ack wait are given back (nak)
-instead of being handed out.
+(``LeaseLostError``) an ack or nack once ``ack_wait`` less a margin (half, at most 1 s) has
+passed. The server starts its ack wait when it sends the message, which is after it read the pull
+request that asked for it, so a lease starts when that request was sent: never later than the
+server's clock, however late the member reads the message (a loaded or paused process). A long
+poll therefore waits at most a quarter of the lease. A message carries no trace of the request
+it answers, so each partition asks on an inbox of its own (a *lane*) holding one request at a
+time; a request given up on (no answer in time, a reconnect, a seek) keeps its lane until it
+ends, and the partition asks again on a new lane, so a late answer is still timed from the
+request that caused it. A buffered message older than half the ack wait is not handed out: it
+is given back (nak) while its lease holds, else left to the server's redelivery.
 """
 
 from __future__ import annotations
@@ -28,13 +33,12 @@ import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from infeed.brokers._nats_lanes import Lane, Slot, consumer_config, set_ack_wait
 from infeed.brokers._nats_link import (
     ERR_CONSUMER_NOT_FOUND,
     ERR_STREAM_NOT_FOUND,
@@ -56,53 +60,8 @@ from infeed.types import Delivery, trusted_delivery, trusted_position
 _POLL_GRACE_S = 0.5
 #: Least time a receive waits for the answer to a no_wait pull (even with timeout_s=0).
 _NO_WAIT_S = 0.1
-
-
-@dataclass(slots=True)
-class _Slot:
-    partition: int
-    durable: str
-    next_subject: str
-    ack_wait_s: float = 0.0
-    #: how long this member trusts a lease: the ack wait less a margin (half, at most 1 s)
-    lease_s: float = 0.0
-    rid: int = 0  # outstanding pull request (0: none)
-    expect: int = 0
-    asked: int = 0
-    deadline: float = 0.0
-    #: when the outstanding request was sent, for a no_wait request (0.0 for a long poll)
-    sent_at: float = 0.0
-    #: the last no_wait request got a full batch (worth asking again before the caller does)
-    more: bool = False
-    epoch: int = -1
-    suspect: bool = False
-
-
-def _set_ack_wait(slot: _Slot, ack_wait_s: float) -> None:
-    slot.ack_wait_s = ack_wait_s
-    # The margin covers the time from the lease check to the server reading the +ACK: the server
-    # accepts an ack even after it redelivered the message, so a late one goes unnoticed.
-    slot.lease_s = ack_wait_s - min(0.5 * ack_wait_s, 1.0)
-
-
-def consumer_config(
-    durable: str, subject: str, ack_wait_s: float, max_deliver: int, max_ack_pending: int, start: int | str
-) -> dict[str, Any]:
-    """A durable pull consumer's config; ``start`` is 'earliest', 'latest' or a stream sequence."""
-    cfg: dict[str, Any] = {
-        "durable_name": durable,
-        "ack_policy": "explicit",
-        "ack_wait": int(ack_wait_s * 1e9),
-        "max_deliver": max_deliver,
-        "max_ack_pending": max_ack_pending,
-        "filter_subject": subject,
-        "replay_policy": "instant",
-    }
-    if isinstance(start, int):
-        cfg.update(deliver_policy="by_start_sequence", opt_start_seq=max(1, start))
-    else:
-        cfg["deliver_policy"] = "all" if start == "earliest" else "new"
-    return cfg
+#: Longest long poll, as a share of the lease: a message it brings keeps the rest of its lease.
+_POLL_SHARE = 0.25
 
 
 class Puller:
@@ -122,21 +81,22 @@ class Puller:
         self.stream = stream_of(topic)
         self._dead_letter = dead_letter
         self._slots = {
-            p: _Slot(
+            p: Slot(
                 p, durable_of(group, p), f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{durable_of(group, p)}"
             )
             for p in partitions
         }
         #: delivered, not handed out yet: (message, lease start, its slot)
-        self._buffer: collections.deque[tuple[Msg, float, _Slot]] = collections.deque()
-        #: ack subject -> (monotonic time it arrived, partition)
+        self._buffer: collections.deque[tuple[Msg, float, Slot]] = collections.deque()
+        #: ack subject -> (monotonic time its lease started, partition)
         self._leases: dict[str, tuple[float, int]] = {}
+        #: lanes given up on whose request may still answer
+        self._strays: set[Lane] = set()
         self._event = asyncio.Event()
         self._rids = itertools.count(1)
+        self._lane_ids = itertools.count(1)
         self._inbox = ""
-        self._sub: Subscription | None = None
         self._start = "earliest"
-        #: a background ack send that failed, raised by the next call
         self.closed = False
 
     # -- setup -------------------------------------------------------------------------------
@@ -145,12 +105,11 @@ class Puller:
         self._start = start
         await asyncio.gather(*(self.ensure(slot, start) for slot in self._slots.values()))
         self._inbox = self.link.nc.new_inbox()
-        self._sub = await self.link.nc.subscribe(
-            self._inbox + ".>", cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
-        )
+        for slot in self._slots.values():
+            await self._new_lane(slot)
         self.link.listeners.add(self._event.set)
 
-    async def ensure(self, slot: _Slot, start: str) -> None:
+    async def ensure(self, slot: Slot, start: str) -> None:
         """Look up (or create) the slot's durable consumer; align its ack wait with ours."""
         cfg = self.link.cfg
         path = f"{self.stream}.{slot.durable}"
@@ -181,8 +140,53 @@ class Puller:
             info = await self.link.api(
                 f"CONSUMER.DURABLE.CREATE.{path}", {"stream_name": self.stream, "config": have}
             )
-        _set_ack_wait(slot, info["config"]["ack_wait"] / 1e9)
+        set_ack_wait(slot, info["config"]["ack_wait"] / 1e9)
         slot.suspect = False
+
+    # -- lanes -------------------------------------------------------------------------------
+
+    async def _new_lane(self, slot: Slot) -> Lane:
+        lane = Lane(slot, f"{self._inbox}.{slot.partition}.{next(self._lane_ids)}")
+        lane.sub = await self.link.nc.subscribe(
+            lane.inbox + ".*",
+            cb=functools.partial(self._on_msg, lane),
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+        slot.lane = lane
+        return lane
+
+    def _give_up(self, slot: Slot, *, keep: bool = True) -> None:
+        """Stop waiting for the slot's request: it keeps its lane, the next request gets a new one."""
+        lane = slot.lane
+        if lane is None:
+            return
+        slot.lane = None
+        lane.keep = lane.keep and keep
+        if lane.rid:
+            self._strays.add(lane)
+        else:
+            self._drop_lane(lane)
+
+    def _end(self, lane: Lane, more: bool) -> None:
+        """The lane's request got its last answer."""
+        lane.rid = 0
+        if lane is lane.slot.lane:
+            lane.slot.more = more
+        else:
+            self._strays.discard(lane)
+            self._drop_lane(lane)
+
+    def _drop_lane(self, lane: Lane) -> None:
+        if lane.sub is not None and not self.closed:
+            self.link.spawn(_unsubscribe_later(lane.sub, 0.0))
+            lane.sub = None
+
+    def _retire_strays(self, now: float) -> None:
+        """Forget given-up requests well past their deadline: what they bring after this is dropped."""
+        for lane in [x for x in self._strays if now > x.deadline + self.link.cfg.request_timeout_s]:
+            self._strays.discard(lane)
+            self._drop_lane(lane)
 
     # -- receive -----------------------------------------------------------------------------
 
@@ -204,7 +208,8 @@ class Puller:
             if remaining <= 0:
                 return out
             await self._request(1, long_s=remaining)
-            await self._wait(lambda: bool(self._buffer) or not self.link.connected.is_set(), deadline)
+            # A long poll is short (a share of the lease): when one ends empty, ask again.
+            await self._wait(self._polled, deadline)
             self._mark_suspects()
             if not self._buffer and time.monotonic() >= deadline and self.link.connected.is_set():
                 return []
@@ -217,51 +222,77 @@ class Puller:
 
     async def _request(
         self, max_messages: int, *, long_s: float, only_more: bool = False
-    ) -> list[tuple[_Slot, int]]:
-        """Send a pull request on every idle slot (that had more); return the (slot, id) pairs sent."""
+    ) -> list[tuple[Lane, int]]:
+        """Send a pull request on every idle slot (that had more); return the (lane, id) pairs sent."""
         now = time.monotonic()
         epoch = self.link.epoch
-        idle = [
-            s
-            for s in self._slots.values()
-            if (s.rid == 0 or s.epoch != epoch or now > s.deadline) and (s.more or not only_more)
-        ]
+        self._retire_strays(now)
+        idle = []
+        for s in self._slots.values():
+            lane = s.lane
+            if lane is not None and lane.rid and lane.epoch == epoch and now <= lane.deadline:
+                continue  # its request is still running
+            if only_more and not s.more:
+                continue
+            if lane is not None and lane.rid:
+                self._give_up(s)  # a request of a lost connection, or past its deadline
+            idle.append(s)
         batch = max(1, math.ceil(max_messages / len(self._slots))) if long_s == 0 else 1
-        sent: list[tuple[_Slot, int]] = []
+        sent: list[tuple[Lane, int]] = []
         for slot in idle:
-            slot.rid, slot.expect, slot.asked, slot.epoch = next(self._rids), batch, batch, epoch
-            slot.sent_at = 0.0 if long_s else now
+            lane = slot.lane or await self._new_lane(slot)
+            rid = next(self._rids)
             if long_s:
-                expires = max(0.001, long_s - 0.02)
+                expires = max(0.01, min(long_s - 0.02, slot.lease_s * _POLL_SHARE))
                 body = b'{"batch":%d,"expires":%d}' % (batch, int(expires * 1e9))
-                slot.deadline = now + expires + _POLL_GRACE_S
+                deadline = now + expires + _POLL_GRACE_S
             else:
                 body = b'{"batch":%d,"no_wait":true}' % batch
-                slot.deadline = now + self.link.cfg.request_timeout_s
-            reply = f"{self._inbox}.{slot.partition}.{slot.rid}"
+                deadline = now + self.link.cfg.request_timeout_s
+            # The lease of what this request brings starts now: the server cannot send before it.
+            lane.rid, lane.expect, lane.asked, lane.epoch = rid, batch, batch, epoch
+            lane.sent_at, lane.deadline, lane.long = time.monotonic(), deadline, bool(long_s)
             try:
-                await self.link.nc.publish(slot.next_subject, body, reply=reply)
+                await self.link.nc.publish(slot.next_subject, body, reply=f"{lane.inbox}.{rid}")
             except RETRIABLE:
-                slot.rid = 0  # the connection just dropped: receive waits for it and asks again
+                lane.rid = 0  # the connection just dropped: receive waits for it and asks again
                 break
-            sent.append((slot, slot.rid))
+            sent.append((lane, rid))
         return sent
 
-    def _unanswered(self, sent: list[tuple[_Slot, int]]) -> bool:
-        """Mark slots whose no_wait pull got no answer in time as suspect; return whether any."""
+    def _unanswered(self, sent: list[tuple[Lane, int]]) -> bool:
+        """Give up no_wait pulls that got no answer in time (their slots turn suspect); any?"""
         late = [
-            slot
-            for slot, rid in sent
-            if slot.rid == rid and slot.expect == slot.asked and self.link.connected.is_set()
+            lane
+            for lane, rid in sent
+            if lane.rid == rid
+            and lane.expect == lane.asked
+            and lane is lane.slot.lane
+            and self.link.connected.is_set()
         ]
-        for slot in late:
-            slot.rid, slot.suspect = 0, True
+        for lane in late:
+            self._give_up(lane.slot)
+            lane.slot.suspect = True
         return bool(late)
 
     def _landed(self, max_messages: float) -> bool:
         if len(self._buffer) >= max_messages or not self.link.connected.is_set():
             return True
-        return not any(s.rid and s.sent_at and s.epoch == self.link.epoch for s in self._slots.values())
+        epoch = self.link.epoch
+        return not any(
+            s.lane is not None and s.lane.rid and not s.lane.long and s.lane.epoch == epoch
+            for s in self._slots.values()
+        )
+
+    def _polled(self) -> bool:
+        """Something arrived, the connection dropped, or no long poll is running any more."""
+        if self._buffer or not self.link.connected.is_set():
+            return True
+        epoch = self.link.epoch
+        return not any(
+            s.lane is not None and s.lane.rid and s.lane.long and s.lane.epoch == epoch
+            for s in self._slots.values()
+        )
 
     async def _wait(self, done: Callable[[], bool], until: float) -> None:
         while not done():
@@ -287,33 +318,31 @@ class Puller:
     def _mark_suspects(self) -> None:
         now = time.monotonic()
         for slot in self._slots.values():
-            if slot.rid and now > slot.deadline and slot.epoch == self.link.epoch:
-                slot.rid, slot.suspect = 0, True
+            lane = slot.lane
+            if lane is not None and lane.rid and now > lane.deadline and lane.epoch == self.link.epoch:
+                self._give_up(slot)
+                slot.suspect = True
 
-    async def _on_msg(self, msg: Msg) -> None:
+    async def _on_msg(self, lane: Lane, msg: Msg) -> None:
         reply = msg.reply
+        slot = lane.slot
         if reply.startswith("$JS.ACK."):
-            if self.closed:
-                await self.link.nc.publish(reply, b"-NAK")
-                return
-            # The lease starts when the server sent the message: no earlier than the no_wait
-            # request that asked for it (a loaded client may read it much later), and for a long
-            # poll (which may wait at the server) on arrival.
-            slot = self._slots[_partition(msg.subject)]  # only assigned partitions are pulled
-            start = time.monotonic()
-            if slot.rid:
-                start = slot.sent_at or start
-                slot.expect -= 1
-                if slot.expect <= 0:  # a full batch: there may well be more
-                    slot.rid, slot.more = 0, slot.sent_at > 0
-            self._buffer.append((msg, start, slot))
+            if lane.rid:
+                if self.closed:
+                    if time.monotonic() - lane.sent_at <= slot.lease_s:
+                        await self.link.nc.publish(reply, b"-NAK")
+                elif lane.keep:
+                    self._buffer.append((msg, lane.sent_at, slot))
+                lane.expect -= 1
+                if lane.expect <= 0:  # a full batch: there may well be more
+                    self._end(lane, more=not lane.long)
+            # Else nothing asked for it on this lane: it cannot be timed, so it is left to the
+            # server's redelivery.
         elif msg.headers and "Status" in msg.headers:
-            _, p, rid = msg.subject.rsplit(".", 2)
-            asker = self._slots.get(int(p))
-            if asker is not None and asker.rid == int(rid):
-                asker.rid, asker.more = 0, False
+            if lane.rid == int(msg.subject.rpartition(".")[2]):
+                self._end(lane, more=False)
                 if msg.headers["Status"] == "409" and "Deleted" in msg.headers.get("Description", ""):
-                    asker.suspect = True
+                    slot.suspect = True
         self._event.set()
 
     async def _take(self, limit: int) -> list[Delivery]:
@@ -321,27 +350,27 @@ class Puller:
         out: list[Delivery] = []
         stale: list[str] = []
         while self._buffer and len(out) < limit:
-            msg, arrived, slot = self._buffer.popleft()
-            age = now - arrived
+            msg, start, slot = self._buffer.popleft()
+            age = now - start
             if age > slot.ack_wait_s / 2:
                 # Too little lease left to hand out: give it back, unless the lease may be over
                 # (then the server has sent it again, and a nak would reach the new delivery).
                 if age <= slot.lease_s:
                     stale.append(msg.reply)
                 continue
-            out.append(self._delivery(msg, arrived, slot.partition))
+            out.append(self._delivery(msg, start, slot.partition))
         if stale:
             await self.link.send(stale, b"-NAK")
         return out
 
-    def _delivery(self, msg: Msg, arrived: float, partition: int) -> Delivery:
+    def _delivery(self, msg: Msg, start: float, partition: int) -> Delivery:
         reply = msg.reply
         tokens = reply.split(".")
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or with
         # <domain>.<account hash> after ACK (12 tokens)
         base = 2 if len(tokens) == 9 else 4
         key, headers = decode_headers(msg.headers)
-        self._leases[reply] = (arrived, partition)
+        self._leases[reply] = (start, partition)
         return trusted_delivery(
             msg.data,
             key,
@@ -378,27 +407,25 @@ class Puller:
         return held, taken, lost
 
     async def ack(self, deliveries: list[Delivery]) -> None:
-        """Check the leases, send the ``+ACK``s and wait until the server has read them.
+        """Check the leases, send the ``+ACK``s and wait until the server has processed them.
 
-        Waiting (one PING/PONG round trip per call, not per message) keeps the time between the
-        lease check and the server reading the ack short and bounded: an ack sent in the
-        background could reach the server after it redelivered the message, and the server
-        would accept it silently (a delivery counted twice). If sending fails after the retry
-        bound the leases stay, and the error is raised.
+        The last ack of each partition goes as a request, which the server answers once it
+        processed the acks before it: an ack that returned is not lost with the process. The
+        server takes a late ack silently, so the lease margin must cover the time from the check
+        to the server reading the ack; a member stalled longer than that in between (paused, or
+        starved of CPU) can still see its ack counted after another member got the message. If
+        sending fails after the retry bound the leases stay, and the error is raised.
         """
         _, taken, lost = self._settle(deliveries)
         if taken:
+            last = {p: r for r, (_, p) in taken.items()}  # per partition
             try:
-                await self.link.send(list(taken), b"+ACK")
-                await self.link.retrying("ack", self._flush)
+                await self.link.send(list(taken), b"+ACK", confirm=set(last.values()))
             except BaseException:
                 self._leases.update(taken)
                 raise
         if lost:
             raise _lost(lost)
-
-    async def _flush(self) -> None:
-        await self.link.nc.flush(timeout=max(1, int(self.link.cfg.request_timeout_s)))
 
     async def settle(self, deliveries: list[Delivery], requeue: bool, reason: str = "") -> None:
         """Requeue (``-NAK``) or dead-letter (``+TERM`` once the copy is stored); wait for it.
@@ -411,7 +438,8 @@ class Puller:
             try:
                 if not requeue:
                     await self._dead_letter(held, reason)
-                await self.link.send(list(taken), b"-NAK" if requeue else b"+TERM", confirm=True)
+                subjects = list(taken)
+                await self.link.send(subjects, b"-NAK" if requeue else b"+TERM", confirm=set(subjects))
             except BaseException:
                 self._leases.update(taken)
                 raise
@@ -448,13 +476,17 @@ class Puller:
             except nats.js.errors.BadRequestError:
                 if attempt == 2:  # a member kept re-creating it with its own start
                     raise
-        # Deliveries of the old consumer are gone: their acks would land on the new one.
+        # Deliveries of the old consumer are gone: their acks would land on the new one. What it
+        # still sends arrives on lanes given up here, which drop it.
         self._buffer = collections.deque(m for m in self._buffer if m[2].partition != partition)
         self._leases = {r: v for r, v in self._leases.items() if v[1] != partition}
+        for lane in self._strays:
+            if lane.slot.partition == partition:
+                lane.keep = False
         slot = self._slots.get(partition)
         if slot is not None:
-            slot.rid = 0
-            _set_ack_wait(slot, cfg.ack_timeout_s)
+            self._give_up(slot, keep=False)
+            set_ack_wait(slot, cfg.ack_timeout_s)
 
     # -- close -------------------------------------------------------------------------------
 
@@ -473,12 +505,16 @@ class Puller:
         self._leases.clear()
         self._buffer.clear()
         if back and self.link.connected.is_set():
-            await self.link.send(back, b"-NAK", confirm=True)
-        waits = [s.deadline - now for s in self._slots.values() if s.rid and s.epoch == self.link.epoch]
-        if self._sub is not None:
-            # A pull still open at the server may deliver later: keep listening (and nak) until it expires.
-            self.link.spawn(_unsubscribe_later(self._sub, max(waits, default=0.0)))
-            self._sub = None
+            await self.link.send(back, b"-NAK", confirm=set(back))
+        lanes = [*self._strays, *(s.lane for s in self._slots.values() if s.lane is not None)]
+        self._strays.clear()
+        waits = [lane.deadline - now for lane in lanes if lane.rid and lane.epoch == self.link.epoch]
+        for lane in lanes:
+            if lane.sub is not None:
+                # A pull still open at the server may deliver later: keep listening (and nak) until
+                # it expires.
+                self.link.spawn(_unsubscribe_later(lane.sub, max(waits, default=0.0)))
+                lane.sub = None
 
     def check_open(self) -> None:
         """Raise if closed."""
@@ -492,10 +528,6 @@ def _lost(lost: list[Delivery]) -> LeaseLostError:
         "settled before, or from another consumer; they were or will be delivered to another member",
         positions=[d.position for d in lost],
     )
-
-
-def _partition(subject: str) -> int:
-    return int(subject.rpartition(".")[2])
 
 
 async def _nothing() -> None:

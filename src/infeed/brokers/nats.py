@@ -8,7 +8,7 @@
 * A group is one durable pull consumer per partition (``<group>_P<p>``, explicit acks,
   ``AckWait = ack_timeout_s``, ``MaxDeliver = max_deliver``): members of a group pull from the same
   consumers, so each message goes to one member at a time; ``delivery_count`` is JetStream's
-  delivered count. The pull and lease machinery is in ``_nats_pull.py``.
+  delivered count. The pull and lease machinery is in ``_nats_pull.py`` and ``_nats_lanes.py``.
 * ``commit`` stores resume positions in the KV bucket ``infeed-offsets``; it never acks.
 * ``seek`` deletes and re-creates the partition's consumer at the sequence: it moves the whole
   group, and deliveries other members held before it are forgotten by the server.
