@@ -3,6 +3,7 @@
 python -m tests.contract._worker hold URL TOPIC GROUP N
 python -m tests.contract._worker produce URL TOPIC START COUNT BATCH
 python -m tests.contract._worker consume URL TOPIC GROUP OUT_FILE DONE_FILE QUIET_S
+    (says "ready" once it is a member of the group)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from infeed.brokers import connect
 from infeed.errors import LeaseLostError
 from infeed.types import Delivery
+from tests.support import say
 
 PAD = b"." * 120
 
@@ -51,6 +53,7 @@ def consume(url: str, topic: str, group: str, out_file: str, done_file: str, qui
     """Receive and ack until the producers are done and nothing arrived for ``quiet_s``."""
     broker = connect(url)
     consumer = broker.subscribe(topic, group=group)
+    say("ready")
     acked: list[int] = []
     lost: list[int] = []
     last = time.monotonic()

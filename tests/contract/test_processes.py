@@ -75,6 +75,10 @@ def test_four_producers_two_consumers_no_loss_no_duplicates(
         spawn_python("-m", WORKER, "consume", url, topic, "g", str(out), str(done), str(ACK_TIMEOUT_S * 3))
         for out in outs
     ]
+    for c in consumers:  # both compete from the first message (a late starter could miss them all)
+        assert c.stdout is not None
+        ready = c.stdout.readline()
+        assert ready == "ready\n", f"consumer did not start: {ready!r} {c.stderr.read() if c.stderr else ''}"
     prods = [
         spawn_python("-m", WORKER, "produce", url, topic, str(i * per), str(per), "500")
         for i in range(producers)
