@@ -159,9 +159,20 @@ def join_group(
 
 
 def lease(
-    conn: sqlite3.Connection, pos: Position, gp: int, limit: int, owner: int, now: float, until: float
+    conn: sqlite3.Connection,
+    pos: Position,
+    gp: int,
+    limit: int,
+    owner: int,
+    now: float,
+    until: float,
+    *,
+    acked: bool = False,
 ) -> list[Delivery] | None:
     """Lease up to ``limit`` messages of one partition (``pos`` names it): those due again first.
+
+    With ``acked`` they are handed out acked instead: no lease is written (and a due one taken
+    is deleted), as if ``settle`` had acked them in the same transaction.
 
     Returns None if the group's partition is gone (the topic was deleted).
     """
@@ -189,10 +200,13 @@ def lease(
         token, end = random.getrandbits(62), min(stop, start + limit - len(out))
         if end < stop:  # take the front of the range; the rest stays due
             conn.execute("UPDATE leases SET start = ? WHERE gp = ? AND start = ?", (end, gp, start))
-            conn.execute(
-                "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (gp, start, end, token, owner, until, count + 1),
-            )
+            if not acked:
+                conn.execute(
+                    "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (gp, start, end, token, owner, until, count + 1),
+                )
+        elif acked:
+            conn.execute("DELETE FROM leases WHERE gp = ? AND start = ?", (gp, start))
         else:
             conn.execute(
                 "UPDATE leases SET token = ?, owner = ?, deadline = ?, deliveries = ? "
@@ -204,7 +218,10 @@ def lease(
     end = min(high, first + limit - len(out))
     if end > first:
         token = random.getrandbits(62)
-        conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, 1)", (gp, first, end, token, owner, until))
+        if not acked:
+            conn.execute(
+                "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, 1)", (gp, first, end, token, owner, until)
+            )
         conn.execute("UPDATE group_partitions SET cursor = ? WHERE id = ?", (end, gp))
         out += _read(conn, pos, base, first, end, 1, token)
     return out

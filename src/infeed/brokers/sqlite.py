@@ -387,6 +387,13 @@ class _SQLiteConsumer(Consumer):
         return TopicNotFoundError(f"topic {self.topic!r} was deleted")
 
     def receive(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:
+        return self._receive(max_messages, timeout_s, acked=False)
+
+    def receive_acked(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:
+        """``receive`` whose transaction writes no lease (the ack is the same transaction)."""
+        return self._receive(max_messages, timeout_s, acked=True)
+
+    def _receive(self, max_messages: int, timeout_s: float, *, acked: bool) -> list[Delivery]:
         if max_messages <= 0:
             raise ValueError(f"max_messages must be > 0, got {max_messages}")
         self._check()
@@ -396,7 +403,7 @@ class _SQLiteConsumer(Consumer):
             generation, version = self._db.generation, self._db.data_version()
             ready, due = self._probe()
             if ready:
-                out = self._take(max_messages)
+                out = self._take(max_messages, acked=acked)
                 if out:
                     return out
                 due = math.inf  # another member was faster: its commit changes data_version
@@ -423,7 +430,7 @@ class _SQLiteConsumer(Consumer):
                 due = min(due, deadline)
         return False, due
 
-    def _take(self, limit: int) -> list[Delivery]:
+    def _take(self, limit: int, *, acked: bool) -> list[Delivery]:
         """One write transaction over the assigned partitions, starting one further each call."""
         out: list[Delivery] = []
         n = len(self._assigned)
@@ -437,7 +444,14 @@ class _SQLiteConsumer(Consumer):
                     break
                 part, gp = self._assigned[(self._next + k) % n]
                 got = log.lease(
-                    conn, Position(self.topic, part, 0), gp, limit - len(out), self._owner, now, until
+                    conn,
+                    Position(self.topic, part, 0),
+                    gp,
+                    limit - len(out),
+                    self._owner,
+                    now,
+                    until,
+                    acked=acked,
                 )
                 if got is None:
                     raise self._gone()
