@@ -9,12 +9,15 @@ reader and one set of leases (like ``memory://``); other processes wait, consumi
 ``hold_s`` once its deliveries are settled or expired (``_rabbitmq_group_lock``). Group state
 (``_rabbitmq_state``) is written before each batch is handed out (so a crash redelivers with the
 right count), and on commit, seek, hand-over and close; acks in between are kept in memory, so
-after a crash the group resumes from the last write (at-least-once).
+after a crash the group resumes from the last write (at-least-once). ``receive_acked`` leases
+nothing and writes the state at most every ``RECEIVE_ACKED_STORE_S`` (with a later receive): a
+write per batch costs more than reading a batch of large messages.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import threading
 import time
@@ -57,6 +60,8 @@ STREAM_CAPS = frozenset(
     }
 )
 _PREFETCH = 1000
+#: ``receive_acked`` writes the group's state at most this often (and at commit, seek and release).
+RECEIVE_ACKED_STORE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -113,6 +118,9 @@ class StreamGroup(GroupLock):
         self.inflight: dict[int, _Lease] = {}
         self.buffer: collections.deque[_Rec] = collections.deque()
         self.tokens = itertools.count(1)
+        #: ``receive_acked`` handed out messages the last state write does not hold yet
+        self.unstored = False
+        self.stored_at = 0.0
 
     # -- holding the group ------------------------------------------------------------------
 
@@ -224,8 +232,14 @@ class StreamGroup(GroupLock):
         pending.update((o, lease.count) for o, lease in self.inflight.items())
         return GroupState(self.upto, pending, self.committed)
 
+    def persist_acked(self) -> None:
+        """Write what ``receive_acked`` handed out, ``RECEIVE_ACKED_STORE_S`` after the last write."""
+        if self.unstored and time.monotonic() - self.stored_at >= RECEIVE_ACKED_STORE_S:
+            self.persist()
+
     def persist(self) -> None:
         """Write the state now (snapshots are taken in write order, so the newest one wins)."""
+        self.unstored, self.stored_at = False, time.monotonic()
         with self.write_lock:
             with self.cond:
                 if not self.held:
@@ -291,8 +305,13 @@ class StreamGroup(GroupLock):
 
     # -- handing out ------------------------------------------------------------------------
 
-    def take(self, owner: StreamConsumer, limit: int) -> tuple[list[Delivery], list[int], bool]:
-        """Lease up to ``limit`` messages (under ``cond``): deliveries, stream tags, new offsets?"""
+    def take(
+        self, owner: StreamConsumer, limit: int, *, acked: bool = False
+    ) -> tuple[list[Delivery], list[int], bool]:
+        """Lease up to ``limit`` messages (under ``cond``): deliveries, stream tags, new offsets?
+
+        With ``acked`` nothing is leased: the messages count as acked once handed out.
+        """
         now = time.monotonic()
         deadline = now + self.lease_s
         out: list[Delivery] = []
@@ -300,7 +319,7 @@ class StreamGroup(GroupLock):
         fresh = False
         for offset in sorted(self.ready)[:limit]:
             count, rec = self.ready.pop(offset)
-            out.append(self._lease(owner, rec, count + 1, deadline))
+            out.append(self._lease(owner, rec, count + 1, deadline, acked=acked))
             tags.append(rec.tag)
         while len(out) < limit and self.buffer:
             rec = self.buffer.popleft()
@@ -309,12 +328,17 @@ class StreamGroup(GroupLock):
                 continue
             self.upto = rec.offset + 1
             fresh = True
-            out.append(self._lease(owner, rec, 1, deadline))
+            out.append(self._lease(owner, rec, 1, deadline, acked=acked))
+        if acked and out:
+            self.unstored = True
         return out, tags, fresh
 
-    def _lease(self, owner: StreamConsumer, rec: _Rec, count: int, deadline: float) -> Delivery:
+    def _lease(
+        self, owner: StreamConsumer, rec: _Rec, count: int, deadline: float, *, acked: bool
+    ) -> Delivery:
         lease = _Lease(owner, rec, count, deadline)
-        self.inflight[rec.offset] = lease
+        if not acked:  # an acked one's receipt is in no lease table: acking it again finds it lost
+            self.inflight[rec.offset] = lease
         return trusted_delivery(
             rec.payload,
             rec.key,
@@ -366,11 +390,21 @@ class StreamConsumer(Consumer):
 
     def receive(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:
         """Wait up to ``timeout_s`` for messages and return at most ``max_messages``."""
+        return self._receive(max_messages, timeout_s, acked=False)
+
+    def receive_acked(self, *, max_messages: int = 100, timeout_s: float = 1.0) -> list[Delivery]:
+        """Hand out without leases; the state holding them is written lazily (module docstring)."""
+        return self._receive(max_messages, timeout_s, acked=True)
+
+    def _receive(self, max_messages: int, timeout_s: float, *, acked: bool) -> list[Delivery]:
         if max_messages <= 0:
             raise ValueError(f"max_messages must be > 0, got {max_messages}")
         self._check_open()
         deadline = time.monotonic() + max(0.0, timeout_s)
         g = self._g
+        out: list[Delivery] = []
+        tags: list[int] = []
+        fresh, reader, acks = False, None, None
         with io.map_errors(self._b.config.url):
             linger = self._b.config.linger_s
             while g.ensure_held(deadline):
@@ -382,22 +416,24 @@ class StreamConsumer(Consumer):
                         have = len(g.ready) + len(g.buffer)
                         quiet = now - g.last_arrival
                         if have >= max_messages or (have and (quiet >= linger or now >= deadline)):
-                            out, tags, fresh = g.take(self, max_messages)
+                            out, tags, fresh = g.take(self, max_messages, acked=acked)
                             reader, acks = g.reader, g.reader_acks
                             if out or tags:
                                 break
                         g.want = max_messages
                     if now >= deadline:
-                        return []
+                        break
                     soonest = min((lease.deadline for lease in g.inflight.values()), default=deadline)
                     if have:
                         soonest = min(soonest, now + linger - quiet)
                     g.cond.wait(max(0.0005, min(deadline, soonest) - now))
             else:
                 return []
-            if reader is not None and tags:
-                reader.loop.soon(lambda: acks.settle(reader.impl, tags))
-            if fresh:
+            if reader is not None and acks is not None and tags:
+                reader.loop.soon(functools.partial(acks.settle, reader.impl, tags))
+            if acked or not out:
+                g.persist_acked()  # what receive_acked handed out: at most RECEIVE_ACKED_STORE_S apart
+            elif fresh:
                 g.persist()  # before the caller sees them: a crash after this redelivers with count + 1
             return out
 
