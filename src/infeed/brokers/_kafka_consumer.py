@@ -252,9 +252,7 @@ class _KafkaConsumer(Consumer):
                 if acked:
                     self._store_acked(time.monotonic())
                 else:  # the new leases and counts are stored before anyone sees them
-                    self._persist(
-                        [led for led in self._ledgers.values() if led.dirty], sync=True, strict=False
-                    )
+                    self._persist(self._dirty(), sync=True, strict=False)
                 return out
             self._raise_stashed()
             self._probe_link()
@@ -266,7 +264,7 @@ class _KafkaConsumer(Consumer):
     def _store_acked(self, now: float) -> None:
         """Store acks of ``receive_acked`` once ``RECEIVE_ACKED_STORE_S`` passed since the last store."""
         if now - self._stored_at >= RECEIVE_ACKED_STORE_S:
-            dirty = [led for led in self._ledgers.values() if led.dirty]
+            dirty = self._dirty()
             if dirty:
                 self._persist(dirty, sync=False, strict=False)
             self._stored_at = now
@@ -278,29 +276,12 @@ class _KafkaConsumer(Consumer):
     def _due(self, room: int, now: float, *, acked: bool) -> list[Delivery]:
         """Deliveries whose lease ran out or that were given back, handed out again."""
         out: list[Delivery] = []
+        until = None if acked else now + self._lease_s
         for led in self._ledgers.values():
-            if room <= 0:
+            if len(out) >= room:
                 break
-            if not led.pending:
-                continue
-            for entry in led.due(now)[:room]:
-                d = entry.delivery
-                again = Delivery(
-                    d.payload,
-                    d.key,
-                    d.headers,
-                    d.position,
-                    d.delivery_count + 1,
-                    d.timestamp,
-                    next(_receipts),
-                )
-                if acked:
-                    del led.pending[d.position.offset]
-                else:
-                    led.pending[d.position.offset] = Pending(again, now + self._lease_s)
-                led.dirty = True
-                out.append(again)
-                room -= 1
+            if led.pending:
+                out += led.hand_out_due(now, room - len(out), until, _receipts)
         return out
 
     def _accept(self, msgs: list[Any], *, acked: bool) -> list[Delivery]:
@@ -391,6 +372,10 @@ class _KafkaConsumer(Consumer):
             if tp.error is not None:
                 raise error_for(tp.error, self._where, doing)
 
+    def _dirty(self) -> list[Ledger]:
+        """The ledgers changed since they were last written."""
+        return [led for led in self._ledgers.values() if led.dirty]
+
     def _persist(self, ledgers: Iterable[Ledger], *, sync: bool, strict: bool) -> bool:
         """Write ``ledgers`` into the group's commits; return whether it was written.
 
@@ -453,7 +438,7 @@ class _KafkaConsumer(Consumer):
     def ack(self, deliveries: Delivery | Iterable[Delivery]) -> None:
         settled, lost = self._take(self._items(deliveries))
         if settled:
-            self._persist([led for led in self._ledgers.values() if led.dirty], sync=False, strict=False)
+            self._persist(self._dirty(), sync=False, strict=False)
         _raise_lost(lost)
 
     def nack(
@@ -477,7 +462,7 @@ class _KafkaConsumer(Consumer):
             settled, late = self._take(good)
             lost += late
             if settled:
-                self._persist([led for led in self._ledgers.values() if led.dirty], sync=False, strict=False)
+                self._persist(self._dirty(), sync=False, strict=False)
         _raise_lost(lost)
 
     def _stale(self, items: list[Delivery]) -> list[Delivery]:

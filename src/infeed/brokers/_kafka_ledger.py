@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,27 @@ class Ledger:
             for _, entry in sorted(self.pending.items())
             if entry.deadline is None or entry.deadline <= now
         ]
+
+    def hand_out_due(
+        self, now: float, room: int, until: float | None, receipts: Iterator[object]
+    ) -> list[Delivery]:
+        """Hand out again, with the count one higher, up to ``room`` deliveries of :meth:`due`.
+
+        Each is leased until ``until``, or (None) handed out acked: it leaves ``pending``.
+        """
+        out: list[Delivery] = []
+        for entry in self.due(now)[:room]:
+            d = entry.delivery
+            again = Delivery(
+                d.payload, d.key, d.headers, d.position, d.delivery_count + 1, d.timestamp, next(receipts)
+            )
+            if until is None:
+                del self.pending[d.position.offset]
+            else:
+                self.pending[d.position.offset] = Pending(again, until)
+            self.dirty = True
+            out.append(again)
+        return out
 
     def next_deadline(self) -> float | None:
         """The soonest lease end, if any delivery is leased."""
