@@ -10,7 +10,6 @@ them back unseen (their next delivery still counts 1) otherwise, on ``seek`` and
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -125,16 +124,10 @@ class _RedisConsumer(Consumer):
         deadline = time.monotonic() + max(0.0, timeout_s)
         while True:
             order = self._order()
-            streams, count = _spread(order, max_messages)
-            claim = ("@claim", order, [self.group, self._name, self._ack_ms, max_messages])
-            read = ("XREADGROUP", "GROUP", self.group, self._name, "COUNT", count, "NOACK", "STREAMS")
-            flat, fresh = self._exchange([claim, read + tuple(streams) + (">",) * len(streams)])
-            out = self._fresh(fresh)  # at most count per stream: never more than max_messages
+            flat, fresh = self._exchange(self._fetch(order, max_messages, noack=True))
+            out = self._fresh(fresh)  # at most COUNT per stream: never more than max_messages
             if flat:
-                claimed = [
-                    self._delivery(self._partition_of[order[flat[i] - 1].encode()], *flat[i + 1 : i + 4])
-                    for i in range(0, len(flat), 4)
-                ]
+                claimed = self._claimed(order, flat)
                 room = max_messages - len(out)
                 if len(claimed) > room:  # the fresh ones cannot be given back: these can
                     self._give_back(claimed[room:])
@@ -151,14 +144,10 @@ class _RedisConsumer(Consumer):
             # Block on the same streams and COUNT: a read that finds data at once answers from
             # every stream that has some, and a surplus of NOACK entries could not be given back.
             block_ms = max(1, int(min(remaining, self._b.config.poll_s) * 1000))
-            cmd = ["XREADGROUP", "GROUP", self.group, self._name, "COUNT", count, "BLOCK", block_ms, "NOACK"]
-            cmd += ["STREAMS", *streams, *[">"] * len(streams)]
-            out = self._fresh(self._b._call(functools.partial(self._blocked_read, cmd)))
+            streams, count = _spread(order, max_messages)
+            out = self._fresh(self._command(self._xreadgroup(streams, count, block_ms=block_ms, noack=True)))
             if out:
                 return out
-
-    def _blocked_read(self, cmd: list[Any], _retried: bool) -> Any:
-        return cast(Any, self._b._r).execute_command(*cmd)
 
     def _ack_taken(self, deliveries: list[Delivery]) -> None:
         """Ack leased deliveries handed out by ``receive_acked`` (a lease lost: returned all the same)."""
@@ -186,20 +175,38 @@ class _RedisConsumer(Consumer):
         self._turn = (self._turn + 1) % len(self._streams)
         return self._streams[self._turn :] + self._streams[: self._turn]
 
-    def _fetch(self, order: list[str], max_messages: int) -> list[tuple[Any, ...]]:
-        """Commands that claim expired or given-back entries, then read new ones."""
+    def _fetch(self, order: list[str], max_messages: int, *, noack: bool = False) -> list[tuple[Any, ...]]:
+        """Commands that claim expired or given-back entries, then read new ones (with NOACK)."""
         streams, count = _spread(order, max_messages)
         claim = ("@claim", order, [self.group, self._name, self._ack_ms, max_messages])
-        read = ("XREADGROUP", "GROUP", self.group, self._name, "COUNT", count, "STREAMS", *streams)
-        return [claim, read + (">",) * len(streams)]
+        return [claim, self._xreadgroup(streams, count, noack=noack)]
+
+    def _xreadgroup(
+        self, streams: list[str], count: int, *, block_ms: int | None = None, noack: bool = False
+    ) -> tuple[Any, ...]:
+        """XREADGROUP of new entries, up to ``count`` per stream."""
+        cmd: tuple[Any, ...] = ("XREADGROUP", "GROUP", self.group, self._name, "COUNT", count)
+        if block_ms is not None:
+            cmd += ("BLOCK", block_ms)
+        if noack:
+            cmd += ("NOACK",)
+        return (*cmd, "STREAMS", *streams, *[">"] * len(streams))
+
+    def _command(self, cmd: tuple[Any, ...]) -> Any:
+        """Run one command (retried as the broker's calls are)."""
+        return self._b._call(lambda _: cast(Any, self._b._r).execute_command(*cmd))
+
+    def _claimed(self, order: list[str], flat: list[Any]) -> list[Delivery]:
+        """Deliveries of the claim script's reply (flat: key index in ``order``, id, fields, count)."""
+        return [
+            self._delivery(self._partition_of[order[flat[i] - 1].encode()], *flat[i + 1 : i + 4])
+            for i in range(0, len(flat), 4)
+        ]
 
     def _unpack(
         self, order: list[str], flat: list[Any], fresh: list[Any] | None, max_messages: int, *, top_up: bool
     ) -> list[Delivery]:
-        out = [
-            self._delivery(self._partition_of[order[flat[i] - 1].encode()], *flat[i + 1 : i + 4])
-            for i in range(0, len(flat), 4)
-        ]
+        out = self._claimed(order, flat)
         out += self._fresh(fresh)
         if len(out) > max_messages:  # claimed and new together: give the newest back unseen
             self._give_back(out[max_messages:])
@@ -217,11 +224,7 @@ class _RedisConsumer(Consumer):
 
         COUNT applies per stream; a blocked read is served from the one stream that got data.
         """
-        cmd: list[Any] = ["XREADGROUP", "GROUP", self.group, self._name, "COUNT", max_messages]
-        if block_ms is not None:
-            cmd += ["BLOCK", block_ms]
-        cmd += ["STREAMS", *order, *[">"] * len(order)]
-        out = self._fresh(self._b._call(lambda _: cast(Any, self._b._r).execute_command(*cmd)))
+        out = self._fresh(self._command(self._xreadgroup(order, max_messages, block_ms=block_ms)))
         if len(out) > max_messages:
             self._give_back(out[max_messages:])
             del out[max_messages:]
