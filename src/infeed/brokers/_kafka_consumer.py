@@ -21,11 +21,10 @@ from infeed.brokers._kafka_ledger import Ledger, Pending, Saved, decode, encode
 from infeed.brokers._kafka_wire import error_for, map_errors, retriable
 from infeed.brokers.base import (
     Consumer,
-    Message,
     StartFrom,
     as_deliveries,
     as_positions,
-    dead_letter_headers,
+    dead_letter_copy,
 )
 from infeed.errors import (
     BrokerError,
@@ -457,7 +456,7 @@ class _KafkaConsumer(Consumer):
         good = [d for d in items if id(d) not in stale]
         if good:
             # The copies are written (and flushed) before the originals are let go.
-            dead = [Message(d.payload, d.key, dead_letter_headers(d, reason)) for d in good]
+            dead = [dead_letter_copy(d, reason) for d in good]
             self._b.publish_many(self.dead_letter_topic, dead)
             settled, late = self._take(good)
             lost += late

@@ -37,7 +37,14 @@ import pulsar.exceptions as px
 
 from infeed.brokers._pulsar_admin import COMMITTED_PROPERTY
 from infeed.brokers._pulsar_wire import BATCH_BITS, _map_errors, decode_key, unpack
-from infeed.brokers.base import Consumer, Message, as_deliveries, as_positions, dead_letter_headers
+from infeed.brokers.base import (
+    Consumer,
+    Message,
+    as_deliveries,
+    as_positions,
+    dead_letter_copy,
+    dead_letter_headers,
+)
 from infeed.errors import (
     BrokerConnectionError,
     ConsumerClosedError,
@@ -402,10 +409,7 @@ class _PulsarConsumer(Consumer):
             self._last_nack = time.monotonic()
         elif live:
             by_token = {d.receipt: d for d in as_deliveries(deliveries)}
-            copies = [
-                Message(d.payload, d.key, dead_letter_headers(d, reason))
-                for d in (by_token[x.token] for x in live)
-            ]
+            copies = [dead_letter_copy(d, reason) for d in (by_token[x.token] for x in live)]
             try:
                 self._b.publish_many(self.dead_letter_topic, copies)
             except BaseException:

@@ -40,7 +40,7 @@ from infeed.brokers import _rabbitmq_wire as wire
 from infeed.brokers._rabbitmq_io import Chan, Item
 from infeed.brokers._rabbitmq_registry import TopicMeta
 from infeed.brokers._rabbitmq_topology import queue_name
-from infeed.brokers.base import Consumer, Message, as_deliveries, dead_letter_headers
+from infeed.brokers.base import Consumer, as_deliveries, dead_letter_copy
 from infeed.errors import BrokerConnectionError, ConsumerClosedError, LeaseLostError
 from infeed.types import (
     Delivery,
@@ -450,9 +450,7 @@ class QueueConsumer(Consumer):
 
     def _dead_letter(self, state: _State, leases: list[_Lease], items: list[Delivery], reason: str) -> None:
         valid = {id(lease) for lease in leases}
-        copies = [
-            Message(d.payload, d.key, dead_letter_headers(d, reason)) for d in items if id(d.receipt) in valid
-        ]
+        copies = [dead_letter_copy(d, reason) for d in items if id(d.receipt) in valid]
         tags = [lease.tag for lease in leases]
         try:
             self._b._topology.ensure_dead_letters(self.dead_letter_topic)

@@ -40,7 +40,13 @@ from infeed.brokers._rabbitmq_state import (
     end_offset,
     read_state,
 )
-from infeed.brokers.base import Consumer, Message, StartFrom, as_deliveries, as_positions, dead_letter_headers
+from infeed.brokers.base import (
+    Consumer,
+    StartFrom,
+    as_deliveries,
+    as_positions,
+    dead_letter_copy,
+)
 from infeed.errors import BrokerTimeoutError, ConsumerClosedError, LeaseLostError
 from infeed.types import Capability, Delivery, Position, TopicInfo, trusted_delivery, trusted_position
 
@@ -459,11 +465,7 @@ class StreamConsumer(Consumer):
                 g.cond.notify_all()
         if valid and not requeue:
             keep = {id(lease) for lease in valid}
-            copies = [
-                Message(d.payload, d.key, dead_letter_headers(d, reason))
-                for d in items
-                if id(d.receipt) in keep
-            ]
+            copies = [dead_letter_copy(d, reason) for d in items if id(d.receipt) in keep]
             try:
                 with io.map_errors(self._b.config.url):
                     self._b.publish_many(self.dead_letter_topic, copies)

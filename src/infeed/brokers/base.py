@@ -52,6 +52,7 @@ __all__ = [
     "check_payload",
     "check_topic_name",
     "check_trim_limits",
+    "dead_letter_copy",
     "dead_letter_headers",
     "dead_letter_topic",
     "normalize_key",
@@ -413,6 +414,11 @@ def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, str]:
         }
     )
     return headers
+
+
+def dead_letter_copy(delivery: Delivery, reason: str) -> Message:
+    """The copy of ``delivery`` for the dead-letter topic (its headers + :func:`dead_letter_headers`)."""
+    return Message(delivery.payload, delivery.key, dead_letter_headers(delivery, reason))
 
 
 def check_topic_name(topic: str) -> None:

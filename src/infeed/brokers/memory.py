@@ -28,7 +28,7 @@ from infeed.brokers.base import (
     check_payload,
     check_topic_name,
     check_trim_limits,
-    dead_letter_headers,
+    dead_letter_copy,
     normalize_key,
     partition_for_key,
 )
@@ -427,7 +427,7 @@ class _MemoryConsumer(Consumer):
                 self._b._cond.notify_all()
             elif settled:
                 # Under the (re-entrant) lock: the lease goes and the copy appears together.
-                msgs = [Message(d.payload, d.key, dead_letter_headers(d, reason)) for _, d in settled]
+                msgs = [dead_letter_copy(d, reason) for _, d in settled]
                 self._b.publish_many(self.dead_letter_topic, msgs)
         _raise_lost(lost)
 

@@ -57,7 +57,7 @@ from infeed.brokers.base import (
     check_payload,
     check_topic_name,
     check_trim_limits,
-    dead_letter_headers,
+    dead_letter_copy,
     default_dead_letter_topic,
     normalize_key,
     partition_for_key,
@@ -403,7 +403,7 @@ class NATSBroker(Broker):
         await self._link.publish(items, recreate)
 
     async def _dead_letter(self, topic: str, deliveries: list[Delivery], reason: str) -> None:
-        msgs = [Message(d.payload, d.key, dead_letter_headers(d, reason)) for d in deliveries]
+        msgs = [dead_letter_copy(d, reason) for d in deliveries]
         await self._publish(topic, self._prepare(msgs))
 
     # -- consume ------------------------------------------------------------------------------

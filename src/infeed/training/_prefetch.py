@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from infeed.brokers.base import Consumer, Message, as_deliveries, dead_letter_headers
+from infeed.brokers.base import Consumer, as_deliveries, dead_letter_copy
 from infeed.codecs import RECORDS_HEADER
 from infeed.codecs.msgpack import MsgpackCodec
 from infeed.errors import LeaseLostError
@@ -193,7 +193,7 @@ class TapConsumer(Consumer):
             return
         if requeue:
             raise ValueError("deliveries acked on receipt cannot be requeued")
-        dead = [Message(d.payload, d.key, dead_letter_headers(d, reason)) for d in as_deliveries(deliveries)]
+        dead = [dead_letter_copy(d, reason) for d in as_deliveries(deliveries)]
         self.inner.broker.publish_many(self.dead_letter_topic, dead)
 
     def commit(self, positions: Position | Iterable[Position]) -> None:
