@@ -36,6 +36,15 @@ def test_payload_at_a_realistic_size_round_trips(broker: Broker, topic: str) -> 
     assert d.payload == big
 
 
+def test_payload_at_the_limit_arrives_whole_between_small_ones(broker: Broker, topic: str) -> None:
+    """A message as large as allowed is fetched whole, in order (Kafka: larger than a partition fetch)."""
+    limit = broker.max_payload_bytes
+    big = bytes(range(256)) * (limit // 256) + b"z" * (limit % 256)
+    consumer = broker.subscribe(topic, group="g")
+    broker.publish_many(topic, [b"before", big, b"after"])
+    assert payloads(drain(consumer, 3)) == [b"before", big, b"after"]
+
+
 def test_admin_create_describe_list_delete(broker: Broker, topic: str) -> None:
     partitions = 3 if Capability.PARTITIONS in broker.capabilities else 1
     broker.create_topic(topic, partitions=partitions)

@@ -106,6 +106,10 @@ DEFAULT_RECONNECT_BACKOFF_MAX_S = 10.0
 #: Longest wait for one admin request or committed-offset read.
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 _DEFAULT_PORT = 9092
+#: Bytes a fetch may return per partition (librdkafka's default is 1 MiB). Draining 200 KB
+#: messages, 8 MiB cut the broker's CPU per message ~3x (3 KB messages: ~2.5x) and the
+#: consumer's ~1.6x; fetch.max.bytes and librdkafka's prefetch queue still bound the memory.
+FETCH_PARTITION_BYTES = 8 << 20
 
 _map_errors = map_errors  # the one boundary lives in _kafka_wire, shared with the consumer
 _log = logging.getLogger("infeed.brokers.kafka")
@@ -325,6 +329,7 @@ class KafkaBroker(Broker):
             "session.timeout.ms": int(cfg.session_timeout_s * 1000),
             "heartbeat.interval.ms": int(min(cfg.heartbeat_interval_s, cfg.session_timeout_s / 3) * 1000),
             "max.poll.interval.ms": int(cfg.max_poll_s * 1000),
+            "max.partition.fetch.bytes": FETCH_PARTITION_BYTES,
             "fetch.max.bytes": max(52_428_800, cfg.max_payload_bytes + OVERHEAD_BYTES),
             "receive.message.max.bytes": max(100_000_000, 2 * (cfg.max_payload_bytes + OVERHEAD_BYTES)),
             # librdkafka pauses fetching for this long when its prefetch queue is full (1 s default)
