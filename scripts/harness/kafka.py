@@ -186,7 +186,7 @@ def _start(name: str, n: int, overrides: Mapping[str, object], deadline_s: float
             **overrides,
         }
         _jvm.write_properties(Path(nd["config"]), props)
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = new_cluster_id()
     _format(jars, nodes, cluster_id)
 
     procs = [_spawn(jars, nd) for nd in nodes]
@@ -252,6 +252,18 @@ def _wait(
 
 def _sees(port: int, n: int) -> Callable[[], bool]:
     return lambda: _broker_count(port) >= n
+
+
+def new_cluster_id() -> str:
+    """22 base64url characters of a uuid4, never starting with ``-``.
+
+    The storage tool's argument parser reads an id such as ``-x3...`` as an option and refuses to
+    format (1 start in 64 failed so); Kafka's own ``Uuid.randomUuid`` skips such ids too.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _format(jars: Path, nodes: list[dict[str, Any]], cluster_id: str) -> None:
