@@ -109,8 +109,6 @@ class ProcessFeed:
         self.queue = ByteQueue(2**62)
         #: Messages and records the feed process sent to the dead-letter topic.
         self.dead_lettered = 0
-        #: Kept for the dataset's interface: the feed process acks on receipt.
-        self.redelivered: list[Any] = []
         self._fd, self._mapping = create_ring(capacity_bytes)
         self._ring = RingReader(self._mapping)
         self._lock = threading.Lock()

@@ -225,7 +225,8 @@ class Prefetcher:
     Args:
         stream: decodes and dead-letters; its consumer must be a :class:`TapConsumer`.
         fields: the schema's field names.
-        resume: per partition, the position to resume at (records before it are dropped).
+        resume: per partition, the position to resume at (records before it are dropped; brokers
+            with seek only).
         ack_on_receipt: ack each message as it arrives (brokers with seek) instead of handing the
             deliveries on to be acked after a checkpoint.
         plan: epochs to replay (None: an endless stream).
@@ -264,6 +265,11 @@ class Prefetcher:
         self._last: dict[int, int] = {}  # partition -> last offset passed on
         self._ack_on_receipt = ack_on_receipt
         self._tap.acked_on_receipt = ack_on_receipt
+        # Offsets order a partition only on brokers that can seek (logs). A queue's name its
+        # deliveries (RabbitMQ: publish stamps) and come in the queue's order (priorities, several
+        # producers' clocks), so comparing them would drop fresh messages: there, every delivery
+        # is handed out (at least once), a copy redelivered after a lost lease included.
+        self._ordered = ack_on_receipt
         self._plan = plan
         self._max_messages = max_messages
         self._target_records = target_records
@@ -285,9 +291,6 @@ class Prefetcher:
             and isinstance(registry.get(MsgpackCodec.name), MsgpackCodec)
             else None
         )
-        #: Copies of messages read before in this run, to ack after the next checkpoint (no-seek
-        #: brokers only; touched on the thread, or by a command).
-        self.redelivered: list[Delivery] = []
         #: Calls of :meth:`ack_later` that found a lease lost.
         self.lost_acks = 0
 
@@ -319,18 +322,17 @@ class Prefetcher:
             return result
 
     def ack_later(self, deliveries: list[Delivery]) -> None:
-        """Ack ``deliveries`` and the copies read again so far, on the thread; do not wait.
+        """Ack ``deliveries`` on the thread; do not wait.
 
         For brokers without seek, which have no exact resume: messages are acked once all their
-        records have been handed out. A lease lost meanwhile only means the message comes again
-        (and is dropped as read already).
+        records have been handed out. A lease lost meanwhile means the message comes again and is
+        handed out again (at least once).
         """
 
         def work() -> None:
-            acks, self.redelivered = deliveries + self.redelivered, []
-            if acks:
+            if deliveries:
                 try:
-                    self._tap.ack(acks)
+                    self._tap.ack(deliveries)
                 except LeaseLostError:
                     self.lost_acks += 1
 
@@ -435,6 +437,8 @@ class Prefetcher:
 
     def _admit(self, delivery: Delivery, covered: list[Delivery]) -> int | None:
         """Return how many leading records of ``delivery`` to skip, or None to drop it."""
+        if not self._ordered:
+            return 0
         pos = delivery.position
         p = pos.partition
         resume = self._resume.get(p)
@@ -442,11 +446,7 @@ class Prefetcher:
             covered.append(delivery)  # before the checkpoint: trained already
             return None
         if pos.offset <= self._last.get(p, -1):
-            # Read in this run but not acked (its lease ran out): ack this copy once a checkpoint
-            # covers it.
-            if not self._ack_on_receipt:
-                self.redelivered.append(delivery)
-            return None
+            return None  # read in this run already (acked on receipt: nothing to settle)
         if self._plan is not None and pos.offset >= self._plan.end.get(p, 0):
             return None  # past the epoch's end: read again in the next epoch
         self._last[p] = pos.offset
@@ -458,6 +458,8 @@ class Prefetcher:
         True for the usual run of fresh messages in order (and then it records them as read); False
         sends the caller through :meth:`_admit` one message at a time.
         """
+        if not self._ordered:
+            return True
         first, last = int(offsets[0]), int(offsets[-1])
         if len(offsets) > 1 and not bool((offsets[1:] > offsets[:-1]).all()):
             return False

@@ -257,8 +257,7 @@ def commit_here(
         ack_on_receipt: messages were acked on receipt (nothing to ack now).
 
     Returns:
-        Whether the acks came too late (the lease was lost: the messages come again and are
-        dropped as read already).
+        Whether the acks came too late (the lease was lost: the messages come again).
     """
 
     def covered(d: Delivery) -> bool:
@@ -274,13 +273,9 @@ def commit_here(
             tap.commit([Position(topic, p, pos.offset) for p, pos in positions.items()])
         if ack_on_receipt:
             return False
-        acks = list(done)
-        if prefetch is not None:
-            acks += [d for d in prefetch.redelivered if covered(d)]
-            prefetch.redelivered = [d for d in prefetch.redelivered if not covered(d)]
-        if acks:
+        if done:
             try:
-                tap.ack(acks)
+                tap.ack(done)
             except LeaseLostError:
                 return True
         return False
@@ -292,8 +287,8 @@ def ack_here(stream: StreamConsumer | None, prefetch: Prefetcher | None, consume
     """Ack ``consumed`` (all their records handed out) on a reader in this process; do not wait.
 
     For brokers without seek, which have no exact resume. The acks go to the prefetch thread
-    where there is one (it owns the consumer); a lease lost meanwhile only means the message
-    comes again (and is dropped as read already).
+    where there is one (it owns the consumer); a lease lost meanwhile means the message comes
+    again and is handed out again (at least once).
 
     Args:
         stream: the reader opened by :func:`open_reader` in this process (None: not opened).

@@ -13,7 +13,9 @@ that never stopped (single partition; several partitions interleave in arrival o
 
 Acks: on brokers that can seek (logs), each message is acked on receipt and the checkpoint plus a
 seek on restore is the truth. Brokers without seek (queues) have no exact resume (``state_dict``
-refuses, naming ``SEEK``); a message is acked once all its records have been handed out.
+refuses, naming ``SEEK``); a message is acked once all its records have been handed out, and
+every delivery is handed out, in the queue's order (at least once: a message whose lease ran out
+before that ack comes again and is handed out again).
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ class QueueDataset(IterableDataset[dict[str, torch.Tensor]]):
         #: Batches yielded.
         self.batches = 0
         self._dead_lettered_before = 0
-        #: Acks after a checkpoint that came too late (the message comes again and is dropped).
+        #: Acks after a checkpoint that came too late (the messages come again).
         self.lost_acks = 0
         self._stream: StreamConsumer | None = None
         self._remote: ProcessFeed | None = None
