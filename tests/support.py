@@ -3,6 +3,7 @@ they write lines a parent reads (one write each, so a SIGKILL cannot cut one in 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
@@ -27,6 +28,14 @@ def running_brokers() -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def harness(name: str) -> Any:
+    """The module ``scripts/harness/NAME.py`` (beside scripts/brokers, outside the package)."""
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module(f"harness.{name}")
 
 
 def broker_url(name: str, key: str = "url") -> str:

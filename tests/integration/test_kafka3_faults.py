@@ -10,20 +10,17 @@ producer must not have written any message twice (duplicates are counted and mus
 
 from __future__ import annotations
 
-import importlib
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient
 
 from infeed.brokers import connect
 from infeed.errors import BrokerError
-from tests.support import ROOT, broker_url, running_brokers
+from tests.support import broker_url, harness, running_brokers
 
 BATCH = 200
 OPTIONS = "reconnect_attempts=30&reconnect_backoff_s=0.1&reconnect_backoff_max_s=2"
@@ -31,14 +28,6 @@ OPTIONS = "reconnect_attempts=30&reconnect_backoff_s=0.1&reconnect_backoff_max_s
 OUTAGE_S = 10.0
 #: Messages acknowledged before the kill, and again after the restart.
 STRIDE = 3000
-
-
-def _harness() -> Any:
-    """``scripts/harness/kafka.py`` (the harness lives outside the package, beside scripts/brokers)."""
-    scripts = str(ROOT / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    return importlib.import_module("harness.kafka")
 
 
 def _leader(bootstrap: str, topic: str, partition: int) -> int:
@@ -54,7 +43,7 @@ def _leader(bootstrap: str, topic: str, partition: int) -> int:
 def test_leader_kill_during_acks_all_produce_loses_and_duplicates_nothing() -> None:
     base = broker_url("kafka3")
     url = f"{base}{'&' if '?' in base else '?'}{OPTIONS}"
-    harness = _harness()
+    kafka_harness = harness("kafka")
     state = running_brokers()["kafka3"]
     topic = f"faults-{uuid.uuid4().hex[:10]}"
     broker = connect(url)
@@ -84,13 +73,13 @@ def test_leader_kill_during_acks_all_produce_loses_and_duplicates_nothing() -> N
         with lock:
             assert lock.wait_for(lambda: len(acked) >= STRIDE, timeout=120), "no traffic before the kill"
         victim = _leader(state["urls"]["bootstrap"], topic, 0) - 1  # node.id is index + 1
-        harness.kill_node(state, victim)
+        kafka_harness.kill_node(state, victim)
         killed_at = time.monotonic()
         with lock:
             before = len(acked)
             lock.wait_for(lambda: time.monotonic() - killed_at > OUTAGE_S, timeout=OUTAGE_S + 1)
             during = len(acked) - before
-        harness.restart_node(state, victim)
+        kafka_harness.restart_node(state, victim)
         with lock:
             mark = len(acked)
             assert lock.wait_for(lambda: len(acked) >= mark + STRIDE, timeout=180), "no traffic after restart"

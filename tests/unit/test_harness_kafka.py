@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import base64
-import importlib
-import sys
 import uuid
-from typing import Any
 
 import pytest
 
-from tests.support import ROOT
-
-
-def _harness() -> Any:
-    scripts = str(ROOT / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    return importlib.import_module("harness.kafka")
+from tests.support import harness
 
 
 def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -26,11 +16,11 @@ def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) 
     assert base64.urlsafe_b64encode(dash.bytes).startswith(b"-")
     drawn = iter([dash, dash, plain])
     monkeypatch.setattr(uuid, "uuid4", lambda: next(drawn))
-    cluster_id = _harness().new_cluster_id()
+    cluster_id = harness("kafka").new_cluster_id()
     assert cluster_id == base64.urlsafe_b64encode(plain.bytes).decode().rstrip("=")
     assert len(cluster_id) == 22
 
 
 def test_cluster_ids_differ() -> None:
-    ids = {_harness().new_cluster_id() for _ in range(200)}
+    ids = {harness("kafka").new_cluster_id() for _ in range(200)}
     assert len(ids) == 200 and not any(i.startswith("-") for i in ids)

@@ -265,11 +265,6 @@ class Prefetcher:
         self._last: dict[int, int] = {}  # partition -> last offset passed on
         self._ack_on_receipt = ack_on_receipt
         self._tap.acked_on_receipt = ack_on_receipt
-        # Offsets order a partition only on brokers that can seek (logs). A queue's name its
-        # deliveries (RabbitMQ: publish stamps) and come in the queue's order (priorities, several
-        # producers' clocks), so comparing them would drop fresh messages: there, every delivery
-        # is handed out (at least once), a copy redelivered after a lost lease included.
-        self._ordered = ack_on_receipt
         self._plan = plan
         self._max_messages = max_messages
         self._target_records = target_records
@@ -437,7 +432,12 @@ class Prefetcher:
 
     def _admit(self, delivery: Delivery, covered: list[Delivery]) -> int | None:
         """Return how many leading records of ``delivery`` to skip, or None to drop it."""
-        if not self._ordered:
+        if not self._ack_on_receipt:
+            # Offsets order a partition only on brokers that can seek (logs; they ack on
+            # receipt). A queue's name its deliveries (RabbitMQ: publish stamps) and come in the
+            # queue's order (priorities, several producers' clocks), so comparing them would drop
+            # fresh messages: every delivery is handed out (at least once), a copy redelivered
+            # after a lost lease included.
             return 0
         pos = delivery.position
         p = pos.partition
@@ -458,8 +458,8 @@ class Prefetcher:
         True for the usual run of fresh messages in order (and then it records them as read); False
         sends the caller through :meth:`_admit` one message at a time.
         """
-        if not self._ordered:
-            return True
+        if not self._ack_on_receipt:
+            return True  # a queue: see _admit
         first, last = int(offsets[0]), int(offsets[-1])
         if len(offsets) > 1 and not bool((offsets[1:] > offsets[:-1]).all()):
             return False
